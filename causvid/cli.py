@@ -1,0 +1,113 @@
+"""The `causvid` command line.
+
+Subcommands come from the `causvid.commands` entry-point group (see setup.cfg): each entry
+names a `register(subparsers)` function. The core registers `generate` and `info`; the
+`distill` and `stream` packages register theirs the same way, so the core never imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from causvid.checkpoint import CheckpointError
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint and --device, shared by every command that loads a pipeline."""
+    parser.add_argument("--checkpoint", type=Path, default=None, help="pipeline directory (default: the shipped one)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from causvid.pipeline import load_pipeline
+    from causvid.video_io import VIDEO_SUFFIXES, write_video
+
+    if args.output.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"{args.output}: output must end in {', '.join(VIDEO_SUFFIXES)}")
+    pipe = load_pipeline(args.checkpoint, args.device)
+    total = (args.steps or pipe.config.teacher_steps) if args.teacher else args.frames
+    with tqdm(total=total, unit="step" if args.teacher else "frame", desc="teacher" if args.teacher else "student") as bar:
+        frames = pipe.generate(
+            args.prompt, args.frames, args.seed, steps=args.steps, teacher=args.teacher,
+            use_kv_cache=not args.no_kv_cache, guidance_scale=args.guidance_scale,
+            progress=lambda done: bar.update(done - bar.n),
+        )
+    write_video(args.output, frames, pipe.config.fps)
+    print(f"wrote {args.output}: {frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}")
+
+
+def _info(args: argparse.Namespace) -> None:
+    from causvid.pipeline import load_pipeline
+
+    pipe = load_pipeline(args.checkpoint, args.device)
+
+    def count(model) -> int | None:
+        return None if model is None else sum(p.numel() for p in model.parameters())
+
+    record = {
+        "checkpoint": str(args.checkpoint or "shipped"),
+        "device": str(pipe.device),
+        "dtype": str(pipe.denoiser.transformer.dtype),
+        "config": pipe.config.to_dict(),
+        "parameters": {
+            "transformer": count(pipe.denoiser),
+            "teacher": count(pipe.teacher),
+            "vae": count(pipe.autoencoder),
+            "text_encoder": count(pipe.text_encoder.model),
+        },
+        "transformer": dict(pipe.denoiser.config),
+        "vae": {k: v for k, v in dict(pipe.autoencoder.vae.config).items() if not k.startswith("latents_")},
+    }
+    print(json.dumps(record, indent=2, default=str))
+
+
+def register(subparsers) -> None:
+    """The core's own commands."""
+    gen = subparsers.add_parser("generate", help="text to video with the causal student (or --teacher)")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", type=Path, required=True, help="out.mp4, out.gif or out.npy")
+    gen.add_argument("--frames", type=int, default=33)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=None, help="student steps (default 4) or teacher steps (default 50)")
+    gen.add_argument("--teacher", action="store_true", help="sample the bidirectional teacher with CFG")
+    gen.add_argument("--guidance-scale", type=float, default=None)
+    gen.add_argument("--no-kv-cache", action="store_true", help="recompute with the full block-causal mask")
+    add_checkpoint_args(gen)
+    gen.set_defaults(func=_generate)
+
+    info = subparsers.add_parser("info", help="config, parameter counts and device of a checkpoint")
+    add_checkpoint_args(info)
+    info.set_defaults(func=_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="causvid", description="Real-time streaming video generation.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    registered = {entry.name: entry for entry in entry_points(group="causvid.commands")}
+    if "core" not in registered:
+        register(subparsers)  # running from a source tree that was never pip-installed
+    for entry in registered.values():
+        entry.load()(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CheckpointError, ValueError, FileNotFoundError) as error:
+        print(f"causvid {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Block-causal attention for diffusers' Wan transformer: masks, KV cache and processors.
+
+Causality lives here, plugged into an unmodified `WanTransformer3DModel` through
+`set_processor`. One `AttentionContext` object is shared by every layer's processors; the
+denoiser wrapper fills it before each forward pass and clears it afterwards.
+
+Three modes, chosen by what the context holds:
+- no mask, no cache: bidirectional attention (the teacher);
+- a boolean mask: one full forward under a block-causal (or windowed) mask (training);
+- a `KVCache`: the current block attends to the cached K/V of earlier frames plus itself.
+
+Cached keys are stored *before* rotary embedding and rotated at attention time to their
+slot in the cache (sink frames first, then the window). RoPE scores depend only on position
+differences, so within the window this equals absolute positions, and slot positions stay
+below `sink_frames + window_frames + block_frames` however long the stream runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of `x` [B, N, H, D] by `cos`/`sin` [1, N, 1, D] (Wan's convention)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def block_causal_mask(
+    num_frames: int,
+    tokens_per_frame: int,
+    block_frames: int,
+    sink_frames: int = 0,
+    window_frames: int | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Boolean [N, N] mask, True where query token i may attend to key token j.
+
+    CausVid's mask: frame j is visible from frame i iff floor(j/k) <= floor(i/k). With a window,
+    earlier blocks are visible only for the first `sink_frames` frames and the `window_frames`
+    frames right before the query's block, which is what `KVCache` keeps.
+    """
+    frame = torch.arange(num_frames, device=device)
+    block = frame // block_frames
+    q_block, k_block = block[:, None], block[None, :]
+    allowed = k_block <= q_block
+    if window_frames is not None:
+        block_start = (q_block * block_frames)
+        in_window = frame[None, :] >= block_start - window_frames
+        allowed &= (k_block == q_block) | in_window | (frame[None, :] < sink_frames)
+    return allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+@dataclass
+class KVCache:
+    """Per-layer self-attention K/V of past frames, plus cached cross-attention K/V of the prompt.
+
+    Keys are stored unrotated, grouped by frame, so evicting a frame is a slice. With
+    `window_frames` set it is a rolling cache: the first `sink_frames` frames stay forever, and of
+    the rest only the latest `window_frames` are kept.
+    """
+
+    num_layers: int
+    tokens_per_frame: int
+    sink_frames: int = 0
+    window_frames: int | None = None
+    keys: list[torch.Tensor | None] = field(default_factory=list)
+    values: list[torch.Tensor | None] = field(default_factory=list)
+    cross: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    cross_text: torch.Tensor | None = None
+    frames_seen: int = 0
+
+    def __post_init__(self) -> None:
+        if self.window_frames is not None and self.window_frames < 0:
+            raise ValueError(f"window_frames must be >= 0 or None, got {self.window_frames}")
+        self.keys = [None] * self.num_layers
+        self.values = [None] * self.num_layers
+        self.cross = [None] * self.num_layers
+
+    @property
+    def cached_frames(self) -> int:
+        """How many frames' K/V are held now (after eviction)."""
+        k = self.keys[0]
+        return 0 if k is None else k.shape[1] // self.tokens_per_frame
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Add one block's unrotated K/V [B, n, H, D] for `layer`, then evict beyond the window."""
+        if self.keys[layer] is not None:
+            key = torch.cat([self.keys[layer], key], dim=1)
+            value = torch.cat([self.values[layer], value], dim=1)
+        keep = self._keep_tokens(key.shape[1] // self.tokens_per_frame)
+        if keep is not None:
+            key, value = key[:, keep], value[:, keep]
+        self.keys[layer], self.values[layer] = key, value
+
+    def _keep_tokens(self, frames: int) -> torch.Tensor | None:
+        if self.window_frames is None or frames <= self.sink_frames + self.window_frames:
+            return None
+        sink = torch.arange(self.sink_frames)
+        recent = torch.arange(frames - self.window_frames, frames)
+        keep_frames = torch.cat([sink, recent])
+        tokens = keep_frames[:, None] * self.tokens_per_frame + torch.arange(self.tokens_per_frame)
+        return tokens.flatten()
+
+    def sync_prompt(self, text: torch.Tensor) -> None:
+        """Drop cached cross-attention K/V when the prompt embedding changes."""
+        same = (
+            self.cross_text is not None
+            and self.cross_text.shape == text.shape
+            and (self.cross_text is text or torch.equal(self.cross_text, text))
+        )
+        if not same:
+            self.cross = [None] * self.num_layers
+            self.cross_text = text
+
+    def reset(self) -> None:
+        """Forget every frame and the prompt: the start of a new stream."""
+        self.__post_init__()
+        self.cross_text = None
+        self.frames_seen = 0
+
+
+@dataclass
+class AttentionContext:
+    """What the processors read during one forward pass. Filled by the denoiser wrapper."""
+
+    mask: torch.Tensor | None = None
+    cache: KVCache | None = None
+    write_cache: bool = False
+    cache_rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def clear(self) -> None:
+        self.mask, self.cache, self.write_cache, self.cache_rotary = None, None, False, None
+
+
+def _project_qkv(attn, hidden_states: torch.Tensor, context: torch.Tensor):
+    query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(attn.to_k(context)).unflatten(2, (attn.heads, -1))
+    value = attn.to_v(context).unflatten(2, (attn.heads, -1))
+    return query, key, value
+
+
+def _attend(attn, query, key, value, mask: torch.Tensor | None) -> torch.Tensor:
+    # SDPA wants [B, H, N, D]; the Wan layout is [B, N, H, D].
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
+    )
+    out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+class CausalSelfAttnProcessor:
+    """Self-attention that obeys the shared context: bidirectional, masked, or KV-cached."""
+
+    def __init__(self, layer: int, context: AttentionContext):
+        self.layer = layer
+        self.context = context
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        ctx = self.context
+        query, key, value = _project_qkv(attn, hidden_states, hidden_states)
+        query, key_now = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
+        cache = ctx.cache
+        if cache is None:
+            return _attend(attn, query, key_now, value, ctx.mask)
+        # The block attends to itself fully and to every cached frame before it.
+        past_k, past_v = cache.keys[self.layer], cache.values[self.layer]
+        if past_k is None:
+            out = _attend(attn, query, key_now, value, None)
+        else:
+            past_k = apply_rotary(past_k, *ctx.cache_rotary)
+            out = _attend(attn, query, torch.cat([past_k, key_now], 1), torch.cat([past_v, value], 1), None)
+        if ctx.write_cache:
+            cache.append(self.layer, key, value)
+        return out
+
+
+class CachedCrossAttnProcessor:
+    """Cross-attention to the prompt; K/V are cached per layer while a KV cache is active."""
+
+    def __init__(self, layer: int, context: AttentionContext):
+        self.layer = layer
+        self.context = context
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        cache = self.context.cache
+        if cache is not None and cache.cross[self.layer] is not None:
+            key, value = cache.cross[self.layer]
+            query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        else:
+            query, key, value = _project_qkv(attn, hidden_states, encoder_hidden_states)
+            if cache is not None:
+                cache.cross[self.layer] = (key, value)
+        return _attend(attn, query, key, value, None)

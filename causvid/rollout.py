@@ -1,0 +1,90 @@
+"""The block-causal rollout: latent blocks generated one after another, each seeing the ones before.
+
+This is the one generation loop of the project. The pipeline, the streaming server and
+self-rollout distillation all drive a `CausalRollout`; they differ only in what they do with
+each block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from causvid.models.denoiser import WanDenoiser
+from causvid.samplers import VelocityFn, sample_few_step
+
+
+class CausalRollout:
+    """One stream's generation state over a shared denoiser: KV cache (or history) and RNG.
+
+    With `use_kv_cache=False` every step recomputes a full block-causal forward over all clean
+    frames so far plus the current block. It is slow and exists to check the cached path.
+    """
+
+    def __init__(
+        self,
+        denoiser: WanDenoiser,
+        sigmas: torch.Tensor,
+        latent_shape: tuple[int, int, int],
+        *,
+        batch: int = 1,
+        sink_frames: int = 0,
+        window_frames: int | None = None,
+        use_kv_cache: bool = True,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.denoiser = denoiser
+        self.sigmas = sigmas
+        self.channels, self.height, self.width = latent_shape
+        self.batch = batch
+        self.device = torch.device(device)
+        self.generator = generator
+        self.window = None if window_frames is None else (sink_frames, window_frames)
+        self.cache = denoiser.new_cache(self.height, self.width, sink_frames, window_frames) if use_kv_cache else None
+        self.history: torch.Tensor | None = None
+        self.frames_done = 0
+
+    def noise(self, frames: int) -> torch.Tensor:
+        """Fresh Gaussian latents for `frames` frames, drawn from this stream's generator."""
+        shape = (self.batch, self.channels, frames, self.height, self.width)
+        device = self.generator.device if self.generator is not None else self.device
+        return torch.randn(shape, generator=self.generator, device=device).to(self.device)
+
+    def velocity_fn(self, text: torch.Tensor) -> VelocityFn:
+        """The denoiser applied to a new block, conditioned on every committed frame."""
+        if self.cache is not None:
+            return lambda x, sigma: self.denoiser(x, sigma, text, cache=self.cache)
+
+        def recompute(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            if self.history is None:
+                return self.denoiser(x, sigma, text, causal=True, window=self.window)
+            context_frames, frames = self.history.shape[2], x.shape[2]
+            per_frame = torch.cat(
+                [sigma.new_zeros(x.shape[0], context_frames), sigma[:, None].expand(-1, frames)], dim=1
+            )
+            full = torch.cat([self.history.to(x.dtype), x], dim=2)
+            velocity = self.denoiser(full, per_frame, text, causal=True, window=self.window)
+            return velocity[:, :, context_frames:]
+
+        return recompute
+
+    def next_block(self, text: torch.Tensor, noise: torch.Tensor | None = None, sigmas: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoise one block with the few-step sampler and commit it. Returns clean latents [B, C, k, H, W].
+
+        `noise` may be a partly noised input (video-to-video) whose level is `sigmas[0]`.
+        """
+        if noise is None:
+            noise = self.noise(self.denoiser.block_frames)
+        clean = sample_few_step(self.velocity_fn(text), noise, self.sigmas if sigmas is None else sigmas, self.generator)
+        self.commit(clean, text)
+        return clean
+
+    @torch.no_grad()
+    def commit(self, clean: torch.Tensor, text: torch.Tensor) -> None:
+        """Make clean latents context for later blocks: the pass at sigma=0 that fills the KV cache."""
+        if self.cache is not None:
+            zero = torch.zeros(clean.shape[0], device=clean.device)
+            self.denoiser(clean, zero, text, cache=self.cache, write_cache=True)
+        else:
+            self.history = clean if self.history is None else torch.cat([self.history, clean], dim=2)
+        self.frames_done += clean.shape[2]

