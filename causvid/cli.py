@@ -67,8 +67,46 @@ def _info(args: argparse.Namespace) -> None:
     print(json.dumps(record, indent=2, default=str))
 
 
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of every training command (core and distillation): config plus overrides."""
+    parser.add_argument("--config", type=Path, required=True, help="YAML training config (configs/*.yaml)")
+    parser.add_argument("--out-dir", default=None, help="override the config's out_dir")
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 avoids thrashing on a busy machine)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+
+
+def load_training_config(args: argparse.Namespace):
+    """The run's config, refusing to silently restart over an existing run."""
+    from causvid.train import TrainConfig
+
+    config = TrainConfig.from_yaml(
+        args.config, out_dir=args.out_dir, max_steps=args.max_steps, max_minutes=args.max_minutes, threads=args.threads
+    )
+    if (Path(config.out_dir) / "latest.json").exists() and not args.resume:
+        raise ValueError(f"{config.out_dir} already holds a run: pass --resume to continue it, or choose --out-dir")
+    return config
+
+
+def _train(args: argparse.Namespace) -> None:
+    from causvid.objectives import build_objective
+    from causvid.train import train
+
+    config = load_training_config(args)
+    if config.objective != args.objective:
+        raise ValueError(f"{args.config} is a {config.objective!r} config, not {args.objective!r}")
+    step = train(config, build_objective(config))
+    print(f"stopped at step {step}; exported to {Path(config.out_dir) / 'export'}")
+
+
 def register(subparsers) -> None:
     """The core's own commands."""
+    train = subparsers.add_parser("train", help="train the autoencoder or the bidirectional teacher")
+    train.add_argument("objective", choices=["autoencoder", "teacher"])
+    add_training_args(train)
+    train.set_defaults(func=_train)
+
     gen = subparsers.add_parser("generate", help="text to video with the causal student (or --teacher)")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", type=Path, required=True, help="out.mp4, out.gif or out.npy")

@@ -32,12 +32,12 @@ PRESETS: dict[str, dict] = {
     # The embedded default: 64x64 pixels, 4x spatial autoencoder, 8x8 tokens per latent frame.
     "shapes": {
         "transformer": dict(
-            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16,
+            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=8, out_channels=8,
             text_dim=384, freq_dim=256, ffn_dim=1024, num_layers=4, rope_max_seq_len=256,
         ),
         "vae": dict(
-            base_dim=16, z_dim=16, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[True, True],
-            latents_mean=[0.0] * 16, latents_std=[1.0] * 16,
+            base_dim=16, z_dim=8, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[True, True],
+            latents_mean=[0.0] * 8, latents_std=[1.0] * 8,
         ),
         "pipeline": dict(height=64, width=64, block_frames=3, shift=3.0, sink_frames=1, window_frames=12),
     },

@@ -91,6 +91,11 @@ class VideoAutoencoder(torch.nn.Module):
         num_latent_frames(video.shape[2])
         return self.vae.encode(video.to(self.vae.dtype)).latent_dist
 
+    def forward(self, video: torch.Tensor):
+        """Training pass: (reconstruction in [-1, 1], posterior), decoding the posterior mode."""
+        posterior = self.posterior(video)
+        return self.vae.decode(posterior.mode()).sample, posterior
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] from normalised latents."""
         return self.vae.decode(self.denormalize(latents).to(self.vae.dtype)).sample.float()

@@ -1,0 +1,216 @@
+"""Training objectives of the core models: the autoencoder and the bidirectional teacher.
+
+Each is an `Objective` for the loop in `causvid.train`: it builds its models and data, computes
+losses, writes samples, and exports a loadable (diffusers-format) result.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from causvid.checkpoint import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from causvid.data.shapes import ShapesWorld, random_caption, scene_from_json
+from causvid.models.autoencoder import VideoAutoencoder
+from causvid.models.denoiser import WanDenoiser
+from causvid.pipeline import CausVidPipeline, PipelineConfig, to_uint8
+from causvid.presets import build_autoencoder, build_transformer, preset
+from causvid.schedule import add_noise, shift_sigma, velocity_target
+from causvid.text import load_text_encoder
+from causvid.train import Objective
+from causvid.video_io import write_video
+
+
+def build_dataset(data: dict) -> torch.utils.data.Dataset:
+    """The dataset a training config names: {"type": "shapes", ...} or {"type": "folder", "root": ...}."""
+    kwargs = {k: v for k, v in data.items() if k != "type"}
+    kind = data.get("type", "shapes")
+    if kind == "shapes":
+        return ShapesWorld(**kwargs)
+    if kind == "folder":
+        from causvid.data.video_folder import VideoFolderDataset
+
+        return VideoFolderDataset(**kwargs)
+    raise ValueError(f"unknown dataset type {kind!r} (expected 'shapes' or 'folder')")
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two videos in [-1, 1]."""
+    mse = F.mse_loss(a.float().clamp(-1, 1), b.float().clamp(-1, 1)).item() / 4  # range 2 -> 1
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+def object_weights(video: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights [B, 1, T, H, W]: 1 on background, 1 + weight on objects.
+
+    Objects cover 3-6% of the pixels, so an unweighted loss learns the background first and
+    the objects last. A pixel belongs to an object when it differs from its frame's median
+    colour (the background).
+    """
+    background = video.flatten(3).median(dim=3).values[..., None, None]
+    foreground = (video - background).abs().sum(dim=1, keepdim=True) > 0.1
+    return 1 + weight * foreground.float()
+
+
+class AutoencoderObjective(Objective):
+    """Reconstruction (object-weighted L1 + MSE) plus a small KL term, on the posterior mode."""
+
+    def __init__(self, config, preset_name: str = "shapes", kl_weight: float = 1e-6, object_weight: float = 10.0,
+                 stats_clips: int = 64):
+        self.config = config
+        self.autoencoder = build_autoencoder(preset_name, config.seed).train()
+        self.kl_weight = kl_weight
+        self.object_weight = object_weight
+        self.stats_clips = stats_clips
+
+    def trainable(self):
+        return {"autoencoder": self.autoencoder}
+
+    def dataset(self):
+        return build_dataset(self.config.data)
+
+    def losses(self, models, batch, step, generator):
+        video = batch["video"]
+        reconstruction, posterior = models["autoencoder"](video)
+        weights = object_weights(video, self.object_weight)
+        error = reconstruction.float() - video
+        recon = ((error.abs() + error.square()) * weights).mean() / weights.mean()
+        kl = posterior.kl().mean() / video[0].numel()
+        return {"autoencoder": (recon + self.kl_weight * kl, {"psnr": psnr(reconstruction, video), "kl": kl.item()})}
+
+    def _fixed_clips(self, count: int) -> torch.Tensor:
+        data = ShapesWorld(**{k: v for k, v in self.config.data.items() if k != "type"} | {"seed": 10_000})
+        return torch.stack([data[i]["video"] for i in range(count)])
+
+    @torch.no_grad()
+    def sample(self, ema, out_dir, step):
+        clips = self._fixed_clips(4)
+        reconstruction = ema["autoencoder"].decode(ema["autoencoder"].encode(clips))
+        side_by_side = torch.cat([clips, reconstruction], dim=4)  # original | reconstruction
+        for i in range(len(clips)):
+            write_video(out_dir / f"step{step:07d}_{i}.mp4", to_uint8(side_by_side[i : i + 1]))
+        return {"sample_psnr": psnr(reconstruction, clips)}
+
+    @torch.no_grad()
+    def export(self, ema, out_dir):
+        """Save with per-channel latent statistics measured on shapes-world clips."""
+        autoencoder: VideoAutoencoder = ema["autoencoder"]
+        clips = self._fixed_clips(self.stats_clips)
+        latents = torch.cat([autoencoder.vae.encode(c).latent_dist.mode() for c in clips.split(1)])
+        mean = latents.mean(dim=(0, 2, 3, 4))
+        std = latents.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
+        autoencoder.vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+        VideoAutoencoder(autoencoder.vae).save_pretrained(out_dir)
+
+
+class LatentBank(torch.utils.data.Dataset):
+    """Shapes-world clips encoded once by a frozen autoencoder, so the teacher trains on latents.
+
+    Item i is bank entry i mod N with a caption drawn afresh from (seed, i): the same clip is
+    described in different words on every pass.
+    """
+
+    def __init__(self, latents: torch.Tensor, scenes: list[str], seed: int):
+        self.latents, self.scenes, self.seed = latents, scenes, seed
+
+    def __len__(self) -> int:
+        return 10**9
+
+    def __getitem__(self, index: int) -> dict:
+        entry = index % len(self.latents)
+        caption = random_caption(scene_from_json(self.scenes[entry]), np.random.default_rng([self.seed, index]))
+        return {"latents": self.latents[entry].float(), "caption": caption}
+
+    @classmethod
+    @torch.no_grad()
+    def build_or_load(cls, path: Path, autoencoder: VideoAutoencoder, data: dict, size: int, seed: int) -> "LatentBank":
+        """Load the bank at `path` (.safetensors + .json scenes) if present, else encode `size` clips."""
+        scenes_path = path.with_suffix(".json")
+        if path.exists() and scenes_path.exists():
+            return cls(load_tensors(path)["latents"], read_json(scenes_path)["scenes"], seed)
+        from tqdm import tqdm
+
+        world = build_dataset(data)
+        latents, scenes = [], []
+        for start in tqdm(range(0, size, 16), desc="encoding latent bank", unit="batch"):
+            items = [world[i] for i in range(start, min(size, start + 16))]
+            latents.append(autoencoder.encode(torch.stack([it["video"] for it in items])).to(torch.bfloat16))
+            scenes.extend(it["scene"] for it in items)
+        atomic_write_json(scenes_path, {"scenes": scenes})
+        atomic_save_tensors(path, {"latents": torch.cat(latents)})
+        return cls(torch.cat(latents), scenes, seed)
+
+
+class TeacherObjective(Objective):
+    """Flow matching of the bidirectional teacher on latents, with caption dropout for CFG."""
+
+    def __init__(self, config, autoencoder: str, preset_name: str = "shapes", caption_dropout: float = 0.1,
+                 bank_size: int = 4096, sample_steps: int = 50, sample_prompts: list[str] | None = None):
+        self.config = config
+        self.preset_name = preset_name
+        self.pipeline_config = PipelineConfig(**preset(preset_name)["pipeline"])
+        self.autoencoder = VideoAutoencoder.from_pretrained(autoencoder).eval().requires_grad_(False)
+        self.text_encoder = load_text_encoder(self.pipeline_config.text_encoder)
+        self.text_encoder.cache_size = 4096
+        self.denoiser = WanDenoiser(build_transformer(preset_name, config.seed), self.pipeline_config.block_frames).train()
+        self.caption_dropout = caption_dropout
+        self.bank_size = bank_size
+        self.sample_steps = sample_steps
+        self.sample_prompts = sample_prompts or [
+            "a red circle moving right on a black background",
+            "a large blue square moving up on a white background",
+            "a small yellow triangle bouncing on a gray background",
+            "a green circle staying still on a black background",
+        ]
+
+    def trainable(self):
+        return {"teacher": self.denoiser}
+
+    def dataset(self):
+        path = Path(self.config.out_dir) / "latent_bank.safetensors"
+        return LatentBank.build_or_load(path, self.autoencoder, self.config.data, self.bank_size, self.config.seed)
+
+    def losses(self, models, batch, step, generator):
+        x0 = batch["latents"]
+        batch_size = x0.shape[0]
+        # Caption dropout: the empty prompt stands for "unconditional", as at sampling time.
+        drop = torch.rand(batch_size, generator=generator) < self.caption_dropout
+        captions = [self.pipeline_config.negative_prompt if d else c for d, c in zip(drop.tolist(), batch["caption"])]
+        text = self.text_encoder.encode(captions)
+        noise = torch.randn(x0.shape, generator=generator)
+        # Sample levels through the shifted schedule, matching where the sampler spends its steps.
+        sigma = shift_sigma(torch.rand(batch_size, generator=generator), self.pipeline_config.shift)
+        velocity = models["teacher"](add_noise(x0, noise, sigma), sigma, text)
+        loss = F.mse_loss(velocity.float(), velocity_target(x0, noise))
+        return {"teacher": (loss, {})}
+
+    def pipeline(self, teacher: WanDenoiser) -> CausVidPipeline:
+        """A pipeline around the current teacher; the student starts as the same weights."""
+        return CausVidPipeline(teacher, self.autoencoder, self.text_encoder, self.pipeline_config, teacher)
+
+    @torch.no_grad()
+    def sample(self, ema, out_dir, step):
+        pipe = self.pipeline(ema["teacher"]).to("cpu", torch.float32)
+        frames = self.config.data.get("num_frames", 21)
+        for i, prompt in enumerate(self.sample_prompts):
+            video = pipe.generate(prompt, frames, seed=i, teacher=True, steps=self.sample_steps)
+            write_video(out_dir / f"step{step:07d}_{i}.mp4", video, self.pipeline_config.fps)
+        return {}
+
+    def export(self, ema, out_dir):
+        self.pipeline(ema["teacher"]).save_pretrained(out_dir)
+
+
+def build_objective(config) -> Objective:
+    """The objective a config names, with its `objective_args`."""
+    objectives = {"autoencoder": AutoencoderObjective, "teacher": TeacherObjective}
+    if config.objective not in objectives:
+        raise ValueError(f"unknown objective {config.objective!r} (expected one of {', '.join(objectives)})")
+    try:
+        return objectives[config.objective](config, **config.objective_args)
+    except TypeError as error:
+        raise ValueError(f"bad objective_args for {config.objective}: {error}") from None

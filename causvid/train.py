@@ -1,0 +1,321 @@
+"""The training loop, shared by every objective (autoencoder, teacher, ODE init, DMD).
+
+Read top to bottom: config -> setup -> init or resume -> loop (lr, losses, step, EMA, log,
+sample, checkpoint) -> export. An `Objective` says what is trained and how the losses are
+computed; this file owns everything else. It runs as one CPU process, or under
+`accelerate launch` on many devices.
+
+Exact resume needs no saved RNG: every random draw of step s comes from a generator seeded
+with (seed, rank, s), and the data of step s are the dataset items at fixed indices.
+Checkpoints are written to a temporary directory and renamed into place, then `latest.json`
+is replaced atomically, so a kill at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from causvid.checkpoint import CheckpointError, atomic_save_tensors, atomic_write_json, load_tensors, read_json
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Loaded from YAML (configs/*.yaml); every field has a working default."""
+
+    objective: str = "teacher"
+    out_dir: str = "runs/default"
+    max_steps: int = 1000
+    batch_size: int = 8
+    lr: dict[str, float] = field(default_factory=lambda: {"model": 1e-4})  # per optimiser
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"  # "bf16" where the model tolerates it (not the autoencoder)
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 500
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    max_minutes: float | None = None  # checkpoint and stop cleanly before a session ends
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+    data: dict[str, Any] = field(default_factory=dict)
+    objective_args: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config not found")
+        data = yaml.safe_load(path.read_text()) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        if "betas" in data:
+            data["betas"] = tuple(data["betas"])
+        return cls(**data)
+
+
+class Objective:
+    """What a training run optimises. Subclasses fill these in; the loop does the rest."""
+
+    def trainable(self) -> dict[str, torch.nn.Module]:
+        """Optimiser name -> module. Each gets its own AdamW, learning rate and EMA."""
+        raise NotImplementedError
+
+    def dataset(self) -> torch.utils.data.Dataset:
+        raise NotImplementedError
+
+    def losses(
+        self, models: dict[str, torch.nn.Module], batch: Any, step: int, generator: torch.Generator
+    ) -> dict[str, tuple[torch.Tensor, dict]]:
+        """Losses to step this iteration: optimiser name -> (loss, logs). May omit optimisers.
+
+        `models` are the trainable modules as the accelerator wrapped them (use these for
+        forward passes, so gradients are synchronised across processes).
+        """
+        raise NotImplementedError
+
+    def sample(self, ema: dict[str, torch.nn.Module], out_dir: Path, step: int) -> dict[str, float]:
+        """Write sample videos (and optionally return metrics to log)."""
+        return {}
+
+    def export(self, ema: dict[str, torch.nn.Module], out_dir: Path) -> None:
+        """Write the trained models in their loadable (diffusers) format."""
+        raise NotImplementedError
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch indices for steps start..end: step s, rank r reads items (s*world + r)*B + [0, B)."""
+
+    def __init__(self, start: int, end: int, batch: int, world: int, rank: int, length: int):
+        self.start, self.end, self.batch, self.world, self.rank, self.length = start, end, batch, world, rank, length
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            first = (step * self.world + self.rank) * self.batch
+            yield [(first + i) % self.length for i in range(self.batch)]
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    # A fixed mix of (seed, rank, step): a different, reproducible stream for every step.
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 1_000_033 + step)
+
+
+# -- EMA, checkpoints ----------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point parameters."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for name, value in module.state_dict().items():
+            if name in self.shadow:
+                self.shadow[name].lerp_(value.float(), 1 - self.decay)
+
+    def copy_to(self, module: torch.nn.Module) -> torch.nn.Module:
+        module.load_state_dict({**module.state_dict(), **self.shadow})
+        return module
+
+
+def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"{prefix}.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, state["param_groups"]
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, prefix: str, tensors: dict, groups: list) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            index, key = name[len(prefix) + 1 :].split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(out_dir: Path, step: int, modules, optimizers, emas, keep: int) -> Path:
+    """Write checkpoint-{step}/ atomically and point latest.json at it."""
+    final = out_dir / f"checkpoint-{step:07d}"
+    tmp = out_dir / f".checkpoint-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta: dict[str, Any] = {"step": step, "param_groups": {}}
+    for name, module in modules.items():
+        atomic_save_tensors(tmp / f"{name}.safetensors", module.state_dict())
+        atomic_save_tensors(tmp / f"{name}_ema.safetensors", emas[name].shadow)
+        tensors, groups = _optimizer_tensors("opt", optimizers[name])
+        atomic_save_tensors(tmp / f"{name}_optimizer.safetensors", tensors)
+        meta["param_groups"][name] = groups
+    atomic_write_json(tmp / "state.json", meta)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    atomic_write_json(out_dir / "latest.json", {"checkpoint": final.name, "step": step})
+    for old in sorted(out_dir.glob("checkpoint-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(out_dir: Path, modules, optimizers, emas) -> int:
+    """Restore the latest checkpoint into the given objects; returns its step (0 if none)."""
+    pointer = out_dir / "latest.json"
+    if not pointer.exists():
+        return 0
+    path = out_dir / read_json(pointer)["checkpoint"]
+    meta = read_json(path / "state.json")
+    for name, module in modules.items():
+        try:
+            module.load_state_dict(load_tensors(path / f"{name}.safetensors"))
+        except RuntimeError as error:
+            raise CheckpointError(f"{path / (name + '.safetensors')}: does not match the model ({str(error).splitlines()[0]})") from None
+        emas[name].shadow = load_tensors(path / f"{name}_ema.safetensors")
+        _load_optimizer(optimizers[name], "opt", load_tensors(path / f"{name}_optimizer.safetensors"), meta["param_groups"][name])
+    return int(meta["step"])
+
+
+class MetricsLog:
+    """metrics.csv, one row per logged step; on resume, rows past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        rows = []
+        if path.exists() and resume_step > 0:
+            with open(path, newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
+        self.rows = rows
+        self._write_all()
+
+    def _write_all(self) -> None:
+        keys = list(dict.fromkeys(k for row in self.rows for k in row)) or ["step"]
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
+
+    def append(self, row: dict) -> None:
+        self.rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self._write_all()
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, objective: Objective) -> int:
+    """Run (or resume) training until max_steps or max_minutes. Returns the last step."""
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    # 1. Setup.
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    out_dir = Path(config.out_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / "config.json", asdict(config))
+    modules = objective.trainable()
+    optimizers = {
+        name: torch.optim.AdamW(
+            [p for p in module.parameters() if p.requires_grad],
+            lr=config.lr[name], betas=config.betas, weight_decay=config.weight_decay,
+        )
+        for name, module in modules.items()
+    }
+    emas = {name: EMA(module, config.ema_decay) for name, module in modules.items()}
+
+    # 2. Init or resume: model, optimiser and EMA state; the step fixes data and RNG.
+    start = load_checkpoint(out_dir, modules, optimizers, emas)
+    if start >= config.max_steps:
+        if accelerator.is_main_process:
+            objective.export(_ema_copies(modules, emas), out_dir / "export")
+        return start
+    wrapped = {name: accelerator.prepare(module) for name, module in modules.items()}
+    optimizers = {name: accelerator.prepare(opt) for name, opt in optimizers.items()}
+    dataset = objective.dataset()
+    batches = StepBatches(start, config.max_steps, config.batch_size, accelerator.num_processes,
+                          accelerator.process_index, len(dataset))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=0)
+    log = MetricsLog(out_dir / "metrics.csv", start) if accelerator.is_main_process else None
+
+    stop = {"signal": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    began = time.monotonic()
+    step = start
+    bar = tqdm(total=config.max_steps, initial=start, disable=not accelerator.is_main_process, unit="step")
+    for batch in loader:
+        # 3. Learning rate: linear warm-up, then constant.
+        for name, opt in optimizers.items():
+            for group in opt.param_groups:
+                group["lr"] = config.lr[name] * min(1.0, (step + 1) / max(1, config.warmup_steps))
+
+        # 4. Losses and updates. The objective decides which optimisers step this iteration.
+        tick = time.monotonic()
+        generator = step_generator(config.seed, accelerator.process_index, step)
+        with accelerator.autocast():
+            losses = objective.losses(wrapped, batch, step, generator)
+        logs: dict[str, float] = {}
+        for name, (loss, extra) in losses.items():
+            optimizers[name].zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            logs[f"grad_norm_{name}"] = float(accelerator.clip_grad_norm_(wrapped[name].parameters(), config.grad_clip))
+            optimizers[name].step()
+            emas[name].update(modules[name])
+            logs[f"loss_{name}"] = loss.item()
+            logs.update(extra)
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
+
+        # 5. Log, sample, checkpoint (main process only; all ranks hold the same weights).
+        out_of_time = config.max_minutes is not None and time.monotonic() - began > 60 * config.max_minutes
+        last = step == config.max_steps or out_of_time or stop["signal"]
+        if accelerator.is_main_process:
+            if step % config.log_every == 0 or last:
+                log.append({"step": step, "seconds_per_step": time.monotonic() - tick, **logs})
+            if step % config.sample_every == 0:
+                metrics = objective.sample(_ema_copies(modules, emas), out_dir / "samples", step)
+                if metrics:
+                    log.append({"step": step, **metrics})
+            if step % config.checkpoint_every == 0 or last:
+                save_checkpoint(out_dir, step, modules, optimizers, emas, config.keep_checkpoints)
+                objective.export(_ema_copies(modules, emas), out_dir / "export")
+        accelerator.wait_for_everyone()
+        if last:
+            break
+    bar.close()
+    return step
+
+
+def _ema_copies(modules: dict[str, torch.nn.Module], emas: dict[str, EMA]) -> dict[str, torch.nn.Module]:
+    import copy
+
+    return {name: emas[name].copy_to(copy.deepcopy(module)).eval() for name, module in modules.items()}

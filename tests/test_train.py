@@ -1,0 +1,123 @@
+"""The training loop: exact resume (also after a kill), accelerate with 2 processes, and export."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from causvid.checkpoint import load_tensors
+from causvid.cli import main
+
+TINY_AE = {
+    "objective": "autoencoder", "max_steps": 6, "batch_size": 2, "lr": {"autoencoder": 2e-4},
+    "warmup_steps": 2, "log_every": 1, "sample_every": 100, "checkpoint_every": 1,
+    "data": {"type": "shapes", "num_frames": 5, "height": 32, "width": 32, "seed": 0},
+    "objective_args": {"preset_name": "tiny", "stats_clips": 2},
+}
+
+
+def _config(tmp_path: Path, name: str, **overrides) -> Path:
+    config = TINY_AE | {"out_dir": str(tmp_path / name)} | overrides
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _losses(run: Path) -> dict[int, str]:
+    with open(run / "metrics.csv", newline="") as handle:
+        return {int(r["step"]): r["loss_autoencoder"] for r in csv.DictReader(handle) if r.get("loss_autoencoder")}
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_tensors(next(run.glob("checkpoint-*")) / "autoencoder.safetensors")
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = _config(tmp_path, "straight")
+    assert main(["train", "autoencoder", "--config", str(straight)]) == 0
+    split = _config(tmp_path, "split")
+    assert main(["train", "autoencoder", "--config", str(split), "--max-steps", "3"]) == 0
+    # Refuses to silently restart over an existing run.
+    assert main(["train", "autoencoder", "--config", str(split)]) == 2
+    assert main(["train", "autoencoder", "--config", str(split), "--resume"]) == 0
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "straight")
+    assert len(_losses(tmp_path / "straight")) == 6
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Checkpoints are pruned to keep_checkpoints, and the export loads as a diffusers model.
+    assert len(list((tmp_path / "split").glob("checkpoint-*"))) == 2
+    from causvid.models.autoencoder import VideoAutoencoder
+
+    VideoAutoencoder.from_pretrained(tmp_path / "split" / "export")
+
+
+def test_kill_and_resume_continues_the_loss_curve(tmp_path):
+    straight = _config(tmp_path, "straight", max_steps=8)
+    assert main(["train", "autoencoder", "--config", str(straight)]) == 0
+    killed = _config(tmp_path, "killed", max_steps=8)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "causvid.cli", "train", "autoencoder", "--config", str(killed)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = tmp_path / "killed" / "latest.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if pointer.exists() and '"step": 3' in pointer.read_text():
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert pointer.exists()
+    assert main(["train", "autoencoder", "--config", str(killed), "--resume"]) == 0
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "straight")
+
+
+def test_two_cpu_processes_with_accelerate(tmp_path):
+    config = _config(tmp_path, "ddp", max_steps=3, checkpoint_every=3)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "causvid.cli", "train", "autoencoder",
+         "--config", str(config)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(_losses(tmp_path / "ddp")) == 3
+    assert (tmp_path / "ddp" / "latest.json").exists()
+
+
+def test_teacher_objective_trains_and_exports_a_pipeline(tmp_path):
+    autoencoder = _config(tmp_path, "ae", max_steps=1)
+    assert main(["train", "autoencoder", "--config", str(autoencoder)]) == 0
+    teacher = {
+        "objective": "teacher", "out_dir": str(tmp_path / "teacher"), "max_steps": 3, "batch_size": 2,
+        "lr": {"teacher": 1e-4}, "log_every": 1, "sample_every": 3, "checkpoint_every": 3,
+        "data": {"type": "shapes", "num_frames": 9, "height": 32, "width": 32, "seed": 0},
+        "objective_args": {"autoencoder": str(tmp_path / "ae" / "export"), "preset_name": "tiny", "bank_size": 4,
+                           "sample_steps": 2, "sample_prompts": ["a red circle"]},
+    }
+    path = tmp_path / "teacher.yaml"
+    path.write_text(yaml.safe_dump(teacher))
+    assert main(["train", "teacher", "--config", str(path)]) == 0
+    assert (tmp_path / "teacher" / "latent_bank.safetensors").exists()
+    assert list((tmp_path / "teacher" / "samples").glob("*.mp4"))
+    out = tmp_path / "clip.npy"
+    assert main(["generate", "a red circle", "-o", str(out), "--frames", "9", "--teacher", "--steps", "2",
+                 "--checkpoint", str(tmp_path / "teacher" / "export"), "--device", "cpu"]) == 0
+    # A config of the wrong kind is refused.
+    assert main(["train", "autoencoder", "--config", str(path)]) == 2
+
+
+def test_config_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"objective": "autoencoder", "learning_rate": 1}))
+    assert main(["train", "autoencoder", "--config", str(bad)]) == 2
+    assert main(["train", "autoencoder", "--config", str(tmp_path / "missing.yaml")]) == 2
