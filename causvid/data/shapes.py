@@ -1,0 +1,363 @@
+"""Shapes world: an infinite, procedural dataset of short captioned RGB clips.
+
+Each clip shows one or two flat-coloured shapes (circle, square, triangle) moving
+left/right/up/down, bouncing diagonally off the walls, or standing still on a plain
+background. Everything is a pure function of a numpy Generator, so item ``i`` of a
+``ShapesWorld`` with seed ``s`` is always the same clip and caption.
+
+A fixed list of (colour, shape, motion) combinations, ``HELD_OUT``, never appears in
+training mode; the evaluator (``causvid.eval.shapes_bench``) prompts for them to test
+compositional generalisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "black": (10, 10, 10),
+    "gray": (128, 128, 128),
+    "white": (245, 245, 245),
+}
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (40, 80, 230),
+    "yellow": (240, 220, 40),
+    "magenta": (220, 50, 220),
+    "cyan": (40, 220, 220),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+MOTIONS = ("left", "right", "up", "down", "bouncing", "still")
+
+# Every colour but one, every shape and every motion appears at least once, so the
+# held-out set tests recombination rather than never-seen attribute values.
+HELD_OUT: tuple[tuple[str, str, str], ...] = (
+    ("red", "triangle", "up"),
+    ("green", "circle", "bouncing"),
+    ("blue", "square", "still"),
+    ("yellow", "circle", "left"),
+    ("magenta", "square", "right"),
+    ("cyan", "triangle", "down"),
+    ("orange", "square", "bouncing"),
+    ("white", "triangle", "left"),
+)
+
+# Object radius in pixels at 64 px resolution; everything scales with min(H, W) / 64.
+RADIUS_AT_64 = {"small": 6.0, "large": 11.0}
+SPEED_RANGE_AT_64 = (1.0, 1.5)  # pixels per frame
+REFERENCE_SIZE = 64
+# Square half-side relative to the radius: makes square and circle areas nearly equal.
+SQUARE_HALF_SIDE = 0.9
+
+# Unit vector (axis, sign) of each directional motion; image y grows downwards.
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1)}
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """One object in a scene."""
+
+    shape: str
+    colour: str
+    size: str
+    motion: str
+
+    def __post_init__(self) -> None:
+        _check_choice("shape", self.shape, SHAPES)
+        _check_choice("colour", self.colour, COLOURS)
+        _check_choice("size", self.size, SIZES)
+        _check_choice("motion", self.motion, MOTIONS)
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """A background and one or more objects with distinct colours that differ from it."""
+
+    background: str
+    objects: tuple[ObjectSpec, ...]
+
+    def __post_init__(self) -> None:
+        _check_choice("background", self.background, BACKGROUNDS)
+        if not self.objects:
+            raise ValueError("a scene needs at least one object")
+        colours = [obj.colour for obj in self.objects]
+        if len(set(colours)) != len(colours):
+            raise ValueError(f"object colours must be distinct, got {colours}")
+        for obj in self.objects:
+            if COLOURS[obj.colour] == BACKGROUNDS[self.background]:
+                raise ValueError(f"a {obj.colour} object is invisible on a {self.background} background")
+
+
+def _check_choice(attribute: str, value: str, allowed: Collection[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {attribute} {value!r}; expected one of {tuple(allowed)}")
+
+
+def check_num_frames(num_frames: int) -> None:
+    """Clips have 1 + 4k frames (the video autoencoder compresses time by 4)."""
+    if num_frames < 1 or num_frames % 4 != 1:
+        raise ValueError(f"num_frames must be 1 + 4k (e.g. 17, 33), got {num_frames}")
+
+
+def is_held_out(obj: ObjectSpec) -> bool:
+    """Whether the object's (colour, shape, motion) is one of the held-out combinations."""
+    return (obj.colour, obj.shape, obj.motion) in HELD_OUT
+
+
+def scene_to_json(scene: SceneSpec) -> str:
+    """Serialise a scene to a JSON string (collate-friendly, unlike the dataclass)."""
+    return json.dumps(dataclasses.asdict(scene), sort_keys=True)
+
+
+def scene_from_json(text: str) -> SceneSpec:
+    """Inverse of ``scene_to_json``."""
+    data = json.loads(text)
+    return SceneSpec(data["background"], tuple(ObjectSpec(**obj) for obj in data["objects"]))
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+
+
+def sample_scene(rng: np.random.Generator, include_held_out: bool = False, max_objects: int = 2) -> SceneSpec:
+    """Sample a random scene; held-out combinations are excluded unless asked for."""
+    # Seven colours are always visible on a background, and object colours must differ.
+    if not 1 <= max_objects <= len(COLOURS) - 1:
+        raise ValueError(f"max_objects must be between 1 and {len(COLOURS) - 1}, got {max_objects}")
+    background = str(rng.choice(list(BACKGROUNDS)))
+    num_objects = int(rng.integers(1, max_objects + 1))
+    objects: list[ObjectSpec] = []
+    while len(objects) < num_objects:
+        taken = {BACKGROUNDS[background]} | {COLOURS[obj.colour] for obj in objects}
+        colours = [name for name, rgb in COLOURS.items() if rgb not in taken]
+        obj = ObjectSpec(
+            shape=str(rng.choice(SHAPES)),
+            colour=str(rng.choice(colours)),
+            size=str(rng.choice(SIZES)),
+            motion=str(rng.choice(MOTIONS)),
+        )
+        if include_held_out or not is_held_out(obj):
+            objects.append(obj)
+    return SceneSpec(background, tuple(objects))
+
+
+# ---------------------------------------------------------------------------
+# Rendering
+
+
+def object_radius(size: str, height: int, width: int) -> float:
+    """Object radius in pixels at the given resolution."""
+    return RADIUS_AT_64[size] * min(height, width) / REFERENCE_SIZE
+
+
+def render_clip(scene: SceneSpec, num_frames: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """Render a scene as uint8 [T, H, W, 3]; ``rng`` picks start positions and speeds.
+
+    Shapes have hard edges, so every pixel is exactly the background colour or an
+    object colour (later objects are drawn on top of earlier ones).
+    """
+    check_num_frames(num_frames)
+    if min(height, width) < 16:
+        raise ValueError(f"resolution must be at least 16x16, got {height}x{width}")
+    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
+    frames[:] = BACKGROUNDS[scene.background]
+    # Pixel centres, broadcastable against per-frame object centres of shape [T, 1, 1].
+    ys = np.arange(height, dtype=np.float32)[None, :, None] + 0.5
+    xs = np.arange(width, dtype=np.float32)[None, None, :] + 0.5
+    for obj in scene.objects:
+        radius = object_radius(obj.size, height, width)
+        cx, cy = object_trajectory(obj.motion, num_frames, height, width, radius, rng)
+        mask = shape_mask(obj.shape, xs - cx[:, None, None], ys - cy[:, None, None], radius)
+        frames[mask] = COLOURS[obj.colour]
+    return frames
+
+
+def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.ndarray:
+    """Boolean mask of a filled shape given pixel offsets from its centre."""
+    if shape == "circle":
+        return dx * dx + dy * dy <= radius * radius
+    if shape == "square":
+        half = SQUARE_HALF_SIDE * radius
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    # Triangle pointing up: apex at dy = -radius, base 2 * radius wide at dy = +radius.
+    return (dy <= radius) & (np.abs(dx) <= (dy + radius) / 2)
+
+
+def object_trajectory(
+    motion: str, num_frames: int, height: int, width: int, radius: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame float centre (x, y) of an object that stays inside the frame."""
+    t = np.arange(num_frames, dtype=np.float64)
+    scale = min(height, width) / REFERENCE_SIZE
+    speed = rng.uniform(*SPEED_RANGE_AT_64) * scale
+    # Centres live in [radius, size - radius]; ``spans`` is the length of that range.
+    spans = np.array([width, height], dtype=np.float64) - 2 * radius
+    start = radius + rng.uniform(0.0, 1.0, size=2) * spans
+    if motion == "still":
+        return np.full(num_frames, start[0]), np.full(num_frames, start[1])
+    if motion == "bouncing":
+        velocity = speed * rng.choice([-1.0, 1.0], size=2)
+        x = radius + _reflect(start[0] - radius + velocity[0] * t, spans[0])
+        y = radius + _reflect(start[1] - radius + velocity[1] * t, spans[1])
+        return x, y
+    axis, sign = DIRECTIONS[motion]
+    # Long clips slow down rather than leave the frame: the object must stay visible.
+    speed = min(speed, spans[axis] / max(num_frames - 1, 1))
+    travel = speed * (num_frames - 1)
+    along = radius + rng.uniform(0.0, spans[axis] - travel) + speed * t
+    if sign < 0:
+        along = (width, height)[axis] - along  # mirror: start on the far side
+    position = [np.full(num_frames, start[0]), np.full(num_frames, start[1])]
+    position[axis] = along
+    return position[0], position[1]
+
+
+def _reflect(offset: np.ndarray, span: float) -> np.ndarray:
+    """Fold an unbounded 1-D path into [0, span] as if it bounced off both ends."""
+    folded = np.mod(offset, 2 * span)
+    return np.where(folded > span, 2 * span - folded, folded)
+
+
+# ---------------------------------------------------------------------------
+# Captions
+
+SHAPE_WORDS = {
+    "circle": ("circle", "ball", "disc", "dot"),
+    "square": ("square", "box", "block"),
+    "triangle": ("triangle",),
+}
+COLOUR_WORDS = {
+    "red": ("red",),
+    "green": ("green",),
+    "blue": ("blue",),
+    "yellow": ("yellow",),
+    "magenta": ("magenta", "fuchsia"),
+    "cyan": ("cyan", "aqua"),
+    "orange": ("orange",),
+    "white": ("white",),
+}
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+MOTION_PHRASES = {
+    "left": ("moving left", "drifting leftwards", "sliding to the left", "heading left", "travelling left"),
+    "right": ("moving right", "drifting rightwards", "sliding to the right", "heading right", "travelling right"),
+    "up": ("moving up", "drifting upwards", "rising", "floating up", "heading up"),
+    "down": ("moving down", "drifting downwards", "falling", "sinking", "heading down"),
+    "bouncing": ("bouncing", "bouncing around", "ricocheting", "bouncing off the walls", "ricocheting around"),
+    "still": ("standing still", "not moving", "staying put", "at rest", "sitting still"),
+}
+# Still objects can also be described with an adjective before the colour.
+STILL_ADJECTIVES = ("still", "static", "stationary", "motionless")
+BACKGROUND_WORDS = {"black": ("black", "dark"), "gray": ("gray", "grey"), "white": ("white", "light")}
+CAPTION_TEMPLATES = (
+    "{objects} on a {background} background",
+    "{objects} on {background}",
+    "{objects} against a {background} backdrop",
+    "{objects}, {background} backdrop",
+    "{objects} over a {background} background",
+    "{objects}, {background} background",
+    "a {background} background with {objects}",
+    "{background} backdrop: {objects}",
+)
+CANONICAL_MOTION = {
+    "left": "moving left",
+    "right": "moving right",
+    "up": "moving up",
+    "down": "moving down",
+    "bouncing": "bouncing around",
+    "still": "standing still",
+}
+
+
+def random_caption(scene: SceneSpec, rng: np.random.Generator) -> str:
+    """A caption drawn from many templates and synonyms."""
+    objects = " and ".join(_random_object_phrase(obj, rng) for obj in scene.objects)
+    background = str(rng.choice(BACKGROUND_WORDS[scene.background]))
+    return str(rng.choice(CAPTION_TEMPLATES)).format(objects=objects, background=background)
+
+
+def _random_object_phrase(obj: ObjectSpec, rng: np.random.Generator) -> str:
+    still_as_adjective = obj.motion == "still" and rng.random() < 0.5
+    words = []
+    if rng.random() < 0.5:
+        words.append(str(rng.choice(SIZE_WORDS[obj.size])))
+    if still_as_adjective:
+        words.append(str(rng.choice(STILL_ADJECTIVES)))
+    words += [str(rng.choice(COLOUR_WORDS[obj.colour])), str(rng.choice(SHAPE_WORDS[obj.shape]))]
+    if not still_as_adjective:
+        words.append(str(rng.choice(MOTION_PHRASES[obj.motion])))
+    phrase = " ".join(words)
+    return _with_article(phrase) if rng.random() < 0.7 else phrase
+
+
+def _with_article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def canonical_caption(scene: SceneSpec) -> str:
+    """The single fixed-template caption used as the evaluation prompt."""
+    objects = " and ".join(
+        f"a {obj.size} {obj.colour} {obj.shape} {CANONICAL_MOTION[obj.motion]}" for obj in scene.objects
+    )
+    return f"{objects} on a {scene.background} background"
+
+
+# ---------------------------------------------------------------------------
+# Dataset
+
+
+class ShapesWorld(torch.utils.data.Dataset):
+    """Map-style dataset whose item ``i`` is a pure function of ``(seed, i)``.
+
+    Items are ``{"video": float32 [3, T, H, W] in [-1, 1], "caption": str,
+    "scene": JSON string}``; resuming training at data position ``i`` is exact.
+    """
+
+    def __init__(
+        self,
+        num_frames: int = 33,
+        height: int = 64,
+        width: int = 64,
+        seed: int = 0,
+        include_held_out: bool = False,
+        length: int = 10**9,
+        max_objects: int = 2,
+    ) -> None:
+        check_num_frames(num_frames)
+        self.num_frames = num_frames
+        self.height = height
+        self.width = width
+        self.seed = seed
+        self.include_held_out = include_held_out
+        self.length = length
+        self.max_objects = max_objects
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for ShapesWorld of length {self.length}")
+        rng = np.random.default_rng([self.seed, index])
+        scene = sample_scene(rng, self.include_held_out, self.max_objects)
+        clip = render_clip(scene, self.num_frames, self.height, self.width, rng)
+        caption = random_caption(scene, rng)
+        return {"video": clip_to_tensor(clip), "caption": caption, "scene": scene_to_json(scene)}
+
+
+def clip_to_tensor(clip: np.ndarray) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float32 [3, T, H, W] in [-1, 1]."""
+    # In numpy: torch's thread pool makes these small element-wise ops slow on a busy CPU.
+    video = np.ascontiguousarray(clip.transpose(3, 0, 1, 2), dtype=np.float32)
+    video /= 127.5
+    video -= 1.0
+    return torch.from_numpy(video)

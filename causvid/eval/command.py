@@ -1,0 +1,66 @@
+"""`causvid eval`: shapes-bench on a checkpoint (student or teacher) or on the ground truth."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from causvid.checkpoint import atomic_write_json
+from causvid.eval.shapes_bench import contact_sheet, default_prompt_set, format_table, run_bench
+
+
+def _eval(args: argparse.Namespace) -> None:
+    cases = default_prompt_set(num_seen=args.num_seen)
+    generate, height, width = None, 64, 64
+    if not args.ground_truth:
+        from causvid.pipeline import load_pipeline
+
+        pipe = load_pipeline(args.checkpoint, args.device)
+        height, width = pipe.config.height, pipe.config.width
+
+        def generate(prompt: str, seed: int, num_frames: int):
+            return pipe.generate(prompt, num_frames, seed, steps=args.steps, teacher=args.teacher,
+                                 guidance_scale=args.guidance_scale)
+
+    sheet_videos, sheet_labels = [], []
+
+    def keep_for_sheet(case, seed, frames) -> None:
+        if seed == args.seeds[0] and len(sheet_videos) < args.sheet_rows:
+            sheet_videos.append(frames)
+            sheet_labels.append(f"[{case.split}] {case.prompt}")
+
+    report = run_bench(generate, cases, args.frames, args.seeds, height, width, on_video=keep_for_sheet)
+    report["model"] = {
+        "checkpoint": "ground truth" if args.ground_truth else str(args.checkpoint or "shipped"),
+        "sampler": "ground truth" if args.ground_truth else ("teacher" if args.teacher else "student"),
+        "steps": args.steps,
+    }
+    print(format_table(report))
+    if args.output:
+        atomic_write_json(args.output, report)
+        print(f"wrote {args.output}")
+    if args.sheet:
+        contact_sheet(sheet_videos, sheet_labels, args.sheet)
+        print(f"wrote {args.sheet}")
+    if args.json:
+        print(json.dumps(report["splits"]))
+
+
+def register(subparsers) -> None:
+    from causvid.cli import add_checkpoint_args
+
+    parser = subparsers.add_parser("eval", help="shapes-bench: colour, shape, motion, consistency, smoothness")
+    add_checkpoint_args(parser)
+    parser.add_argument("--teacher", action="store_true", help="evaluate the 50-step CFG teacher")
+    parser.add_argument("--ground-truth", action="store_true", help="evaluate rendered shapes-world clips (the ceiling)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--frames", type=int, default=21)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--num-seen", type=int, default=16, help="seen single-object prompts in the set")
+    parser.add_argument("-o", "--output", type=Path, default=None, help="write the full JSON report here")
+    parser.add_argument("--sheet", type=Path, default=None, help="write a contact-sheet PNG here")
+    parser.add_argument("--sheet-rows", type=int, default=8)
+    parser.add_argument("--json", action="store_true", help="also print the split means as one JSON line")
+    parser.set_defaults(func=_eval)

@@ -1,0 +1,205 @@
+"""Tests for the procedural shapes world (causvid.data.shapes)."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from causvid.data.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT,
+    MOTIONS,
+    SHAPES,
+    SIZES,
+    STILL_ADJECTIVES,
+    ObjectSpec,
+    SceneSpec,
+    ShapesWorld,
+    canonical_caption,
+    is_held_out,
+    random_caption,
+    render_clip,
+    sample_scene,
+    scene_from_json,
+    scene_to_json,
+)
+
+
+def single(shape="circle", colour="red", size="large", motion="left", background="black") -> SceneSpec:
+    return SceneSpec(background, (ObjectSpec(shape, colour, size, motion),))
+
+
+def colour_centroids(clip: np.ndarray, colour: str) -> np.ndarray:
+    """[T, 2] (x, y) centroid of the pixels of one colour in each frame."""
+    mask = (clip == np.array(COLOURS[colour])).all(-1)
+    ys, xs = np.mgrid[: clip.shape[1], : clip.shape[2]]
+    area = mask.sum((1, 2))
+    assert (area > 0).all(), "object left the frame"
+    return np.stack([(mask * xs).sum((1, 2)) / area, (mask * ys).sum((1, 2)) / area], axis=1)
+
+
+def test_held_out_list_is_valid_and_spread():
+    assert 6 <= len(HELD_OUT) <= 8
+    assert len(set(HELD_OUT)) == len(HELD_OUT)
+    for colour, shape, motion in HELD_OUT:
+        assert colour in COLOURS and shape in SHAPES and motion in MOTIONS
+    assert {shape for _, shape, _ in HELD_OUT} == set(SHAPES)
+    assert {motion for _, _, motion in HELD_OUT} == set(MOTIONS)
+
+
+def test_training_scenes_never_contain_held_out_combinations():
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(3000)]
+    assert not any(is_held_out(obj) for scene in scenes for obj in scene.objects)
+    assert {len(scene.objects) for scene in scenes} == {1, 2}
+    for scene in scenes:
+        assert all(COLOURS[obj.colour] != BACKGROUNDS[scene.background] for obj in scene.objects)
+    # Every attribute value still occurs.
+    objects = [obj for scene in scenes for obj in scene.objects]
+    assert {obj.colour for obj in objects} == set(COLOURS)
+    assert {obj.motion for obj in objects} == set(MOTIONS)
+    assert {obj.size for obj in objects} == set(SIZES)
+
+
+def test_held_out_combinations_appear_when_included():
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, include_held_out=True, max_objects=1) for _ in range(3000)]
+    assert any(is_held_out(scene.objects[0]) for scene in scenes)
+    assert all(len(scene.objects) == 1 for scene in scenes)
+
+
+def test_invalid_scenes_are_rejected():
+    with pytest.raises(ValueError, match="invisible"):
+        single(colour="white", background="white")
+    with pytest.raises(ValueError, match="distinct"):
+        SceneSpec("black", (ObjectSpec("circle", "red", "small", "left"), ObjectSpec("square", "red", "large", "up")))
+    with pytest.raises(ValueError, match="unknown shape"):
+        ObjectSpec("hexagon", "red", "small", "left")
+
+
+def test_render_uses_only_scene_colours_and_keeps_object_in_frame():
+    scene = SceneSpec(
+        "gray", (ObjectSpec("triangle", "cyan", "small", "bouncing"), ObjectSpec("square", "orange", "large", "down"))
+    )
+    clip = render_clip(scene, 33, 64, 64, np.random.default_rng(1))
+    assert clip.shape == (33, 64, 64, 3) and clip.dtype == np.uint8
+    allowed = {BACKGROUNDS["gray"], COLOURS["cyan"], COLOURS["orange"]}
+    assert {tuple(int(v) for v in rgb) for rgb in np.unique(clip.reshape(-1, 3), axis=0)} == allowed
+    # The top object is never occluded, so its area is constant up to rasterisation.
+    area = (clip == np.array(COLOURS["orange"])).all(-1).sum((1, 2))
+    assert area.min() > 0.85 * area.max()
+
+
+@pytest.mark.parametrize(
+    "motion, expected_sign",
+    [("left", (-1, 0)), ("right", (1, 0)), ("up", (0, -1)), ("down", (0, 1)), ("still", (0, 0))],
+)
+def test_directional_motion_moves_the_right_way(motion, expected_sign):
+    for seed in range(3):
+        clip = render_clip(single(motion=motion), 33, 64, 64, np.random.default_rng(seed))
+        displacement = colour_centroids(clip, "red")[-1] - colour_centroids(clip, "red")[0]
+        for axis in range(2):
+            if expected_sign[axis] == 0:
+                assert abs(displacement[axis]) < 0.5
+            else:
+                # At least 1 px/frame over 32 frames (less rasterisation error).
+                assert displacement[axis] * expected_sign[axis] > 30
+
+
+def test_bouncing_moves_diagonally_and_reflects_off_walls():
+    clip = render_clip(single(size="small", motion="bouncing"), 65, 64, 64, np.random.default_rng(0))
+    track = colour_centroids(clip, "red")
+    velocity = np.diff(track, axis=0)
+    assert (np.abs(velocity) > 0.5).mean() > 0.9  # moving on both axes nearly every frame
+    assert (np.diff(np.sign(velocity), axis=0) != 0).any()  # at least one reflection
+
+
+def test_sizes_scale_with_resolution_and_non_square_frames_work():
+    small = (render_clip(single(size="small", motion="still"), 1, 64, 64, np.random.default_rng(0)) != 10).any(-1)
+    large = (render_clip(single(size="large", motion="still"), 1, 64, 64, np.random.default_rng(0)) != 10).any(-1)
+    assert large.sum() > 2.5 * small.sum()
+    wide = render_clip(single(size="large", motion="right"), 17, 48, 96, np.random.default_rng(0))
+    assert wide.shape == (17, 48, 96, 3)
+    big = render_clip(single(size="large", motion="still"), 1, 128, 128, np.random.default_rng(0))
+    assert (big != 10).any(-1).sum() == pytest.approx(4 * large.sum(), rel=0.1)
+
+
+def test_num_frames_must_be_one_plus_multiple_of_four():
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        render_clip(single(), 32, 64, 64, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        ShapesWorld(num_frames=16)
+
+
+def test_random_captions_vary_and_name_the_attributes():
+    scene = SceneSpec(
+        "black", (ObjectSpec("circle", "red", "small", "left"), ObjectSpec("square", "blue", "large", "still"))
+    )
+    rng = np.random.default_rng(0)
+    captions = [random_caption(scene, rng) for _ in range(100)]
+    assert len(set(captions)) > 50
+    for caption in captions:
+        assert "red" in caption and "blue" in caption and " and " in caption
+        assert any(word in caption for word in ("circle", "ball", "disc", "dot"))
+        assert any(word in caption for word in ("black", "dark"))
+        assert any(word in caption for word in ("still", "not moving", "at rest", "staying put", *STILL_ADJECTIVES))
+    assert any("small" in c or "tiny" in c or "little" in c for c in captions)
+    assert any(not any(w in c for w in ("small", "tiny", "little", "large", "big")) for c in captions)
+
+
+def test_canonical_caption_is_fixed():
+    assert canonical_caption(single(size="small", motion="bouncing", background="gray")) == (
+        "a small red circle bouncing around on a gray background"
+    )
+    pair = SceneSpec(
+        "white", (ObjectSpec("triangle", "cyan", "large", "up"), ObjectSpec("square", "blue", "small", "still"))
+    )
+    assert canonical_caption(pair) == (
+        "a large cyan triangle moving up and a small blue square standing still on a white background"
+    )
+
+
+def test_dataset_items_are_pure_functions_of_seed_and_index():
+    world = ShapesWorld(num_frames=9, seed=3)
+    first, again = world[5], ShapesWorld(num_frames=9, seed=3)[5]
+    assert torch.equal(first["video"], again["video"]) and first["caption"] == again["caption"]
+    assert not torch.equal(first["video"], world[6]["video"])
+    assert not torch.equal(first["video"], ShapesWorld(num_frames=9, seed=4)[5]["video"])
+    with pytest.raises(IndexError):
+        ShapesWorld(length=10)[10]
+
+
+def test_dataset_item_format_and_collation():
+    item = ShapesWorld()[0]
+    video = item["video"]
+    assert video.shape == (3, 33, 64, 64) and video.dtype == torch.float32
+    assert video.min() >= -1 and video.max() <= 1
+    scene = scene_from_json(item["scene"])
+    assert scene_to_json(scene) == item["scene"] and json.loads(item["scene"])["background"] in BACKGROUNDS
+    # Pixels are exactly the background or an object colour, mapped to [-1, 1].
+    background = torch.tensor(BACKGROUNDS[scene.background]).float().div(127.5).sub(1)
+    assert torch.allclose(video[:, 0, 0, 0], background) or any(
+        torch.allclose(video[:, 0, 0, 0], torch.tensor(COLOURS[o.colour]).float().div(127.5).sub(1))
+        for o in scene.objects
+    )
+    batch = next(iter(torch.utils.data.DataLoader(ShapesWorld(num_frames=9, length=4), batch_size=2)))
+    assert batch["video"].shape == (2, 3, 9, 64, 64) and len(batch["caption"]) == 2 and len(batch["scene"]) == 2
+
+
+def test_training_world_excludes_held_out():
+    world = ShapesWorld(num_frames=5, length=200)
+    assert not any(is_held_out(obj) for item in world for obj in scene_from_json(item["scene"]).objects)
+
+
+def test_rendering_is_fast():
+    scene = SceneSpec(
+        "gray", (ObjectSpec("circle", "red", "large", "bouncing"), ObjectSpec("triangle", "blue", "small", "up"))
+    )
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(20):
+        render_clip(scene, 33, 64, 64, rng)
+    assert (time.perf_counter() - start) / 20 < 0.02  # a few ms normally; generous for a busy machine
