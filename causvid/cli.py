@@ -100,8 +100,25 @@ def _train(args: argparse.Namespace) -> None:
     print(f"stopped at step {step}; exported to {Path(config.out_dir) / 'export'}")
 
 
+def _convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from causvid.pipeline import load_pipeline
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    pipe = load_pipeline(args.source, "cpu", torch.float32)
+    pipe.save_pretrained(args.destination, dtypes[args.dtype])
+    print(f"wrote {args.destination} ({args.dtype})")
+
+
 def register(subparsers) -> None:
     """The core's own commands."""
+    convert = subparsers.add_parser("convert", help="re-save a pipeline directory in another dtype (for shipping)")
+    convert.add_argument("source", type=Path)
+    convert.add_argument("destination", type=Path)
+    convert.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    convert.set_defaults(func=_convert)
+
     train = subparsers.add_parser("train", help="train the autoencoder or the bidirectional teacher")
     train.add_argument("objective", choices=["autoencoder", "teacher"])
     add_training_args(train)

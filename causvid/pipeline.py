@@ -13,6 +13,7 @@ UMT5 from a local directory.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -99,6 +100,7 @@ class CausVidPipeline:
         self.text_encoder = text_encoder
         self.config = config or PipelineConfig()
         self.teacher = teacher.eval() if teacher is not None else None
+        self.device = next(denoiser.parameters()).device
         if self.denoiser.block_frames != self.config.block_frames:
             raise ValueError(f"denoiser block_frames {denoiser.block_frames} != config {self.config.block_frames}")
         self._check_compatible()
@@ -136,12 +138,13 @@ class CausVidPipeline:
         pipe = cls(denoiser, autoencoder, load_text_encoder(config.text_encoder), config, teacher)
         return pipe.to(device, dtype)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write the pipeline directory; `dtype` (e.g. bf16 for shipping) casts copies, not the models."""
         path = Path(path)
-        self.denoiser.save_pretrained(path / "transformer")
-        if self.teacher is not None:
-            self.teacher.save_pretrained(path / "teacher")
-        self.autoencoder.save_pretrained(path / "vae")
+        parts = {"transformer": self.denoiser, "teacher": self.teacher, "vae": self.autoencoder}
+        for name, model in parts.items():
+            if model is not None:
+                (copy.deepcopy(model).to(dtype) if dtype is not None else model).save_pretrained(path / name)
         atomic_write_json(path / "model_index.json", self.config.to_dict())
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "CausVidPipeline":
@@ -150,7 +153,7 @@ class CausVidPipeline:
         for model in (self.denoiser, self.teacher):
             if model is not None:
                 model.to(self.device, dtype)
-        self.autoencoder.to(self.device)
+        self.autoencoder.to(self.device, torch.float32)
         self.text_encoder.to(self.device)
         return self
 

@@ -98,3 +98,17 @@ def test_incompatible_parts_are_rejected(tiny_pipeline):
     shapes_vae = build_autoencoder("shapes")
     with pytest.raises(CheckpointError, match="z_dim"):
         CausVidPipeline(tiny_pipeline.denoiser, shapes_vae, tiny_pipeline.text_encoder, tiny_pipeline.config)
+
+
+def test_convert_to_bf16_and_load_back(tiny_checkpoint, tmp_path):
+    from causvid.cli import main
+
+    assert main(["convert", str(tiny_checkpoint), str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    stored = load_pipeline(tmp_path / "bf16", device="cpu")
+    from safetensors import safe_open
+
+    weights = next((tmp_path / "bf16" / "transformer").glob("*.safetensors"))
+    with safe_open(str(weights), "pt") as reader:
+        assert reader.get_tensor(next(iter(reader.keys()))).dtype == torch.bfloat16
+    assert next(stored.autoencoder.parameters()).dtype == torch.float32  # decoded in fp32 regardless
+    assert stored.generate("a red circle", num_frames=5).shape == (5, 32, 32, 3)

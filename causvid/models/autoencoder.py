@@ -57,8 +57,9 @@ class VideoAutoencoder(torch.nn.Module):
         self.register_buffer("std", torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1), persistent=False)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> "VideoAutoencoder":
-        return cls(load_diffusers_model(AutoencoderKLWan, path, **kwargs))
+    def from_pretrained(cls, path: str | Path) -> "VideoAutoencoder":
+        """Load in fp32 whatever the stored dtype: the autoencoder loses detail in bf16."""
+        return cls(load_diffusers_model(AutoencoderKLWan, path, torch_dtype=torch.float32))
 
     def save_pretrained(self, path: str | Path) -> None:
         self.vae.save_pretrained(path, safe_serialization=True)
