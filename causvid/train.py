@@ -161,13 +161,13 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, prefix: str, tensors: dict
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(out_dir: Path, step: int, modules, optimizers, emas, keep: int) -> Path:
+def save_checkpoint(out_dir: Path, step: int, modules, optimizers, emas, keep: int, world_size: int = 1) -> Path:
     """Write checkpoint-{step}/ atomically and point latest.json at it."""
     final = out_dir / f"checkpoint-{step:07d}"
     tmp = out_dir / f".checkpoint-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    meta: dict[str, Any] = {"step": step, "param_groups": {}}
+    meta: dict[str, Any] = {"step": step, "world_size": world_size, "param_groups": {}}
     for name, module in modules.items():
         atomic_save_tensors(tmp / f"{name}.safetensors", module.state_dict())
         atomic_save_tensors(tmp / f"{name}_ema.safetensors", emas[name].shadow)
@@ -280,6 +280,7 @@ def train(config: TrainConfig, objective: Objective) -> int:
         # 4. Losses and updates. The objective decides which optimisers step this iteration.
         tick = time.monotonic()
         generator = step_generator(config.seed, accelerator.process_index, step)
+        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with accelerator.autocast():
             losses = objective.losses(wrapped, batch, step, generator)
         logs: dict[str, float] = {}
@@ -306,7 +307,7 @@ def train(config: TrainConfig, objective: Objective) -> int:
                 if metrics:
                     log.append({"step": step, **metrics})
             if step % config.checkpoint_every == 0 or last:
-                save_checkpoint(out_dir, step, modules, optimizers, emas, config.keep_checkpoints)
+                save_checkpoint(out_dir, step, modules, optimizers, emas, config.keep_checkpoints, accelerator.num_processes)
                 objective.export(_ema_copies(modules, emas), out_dir / "export")
         accelerator.wait_for_everyone()
         if last:

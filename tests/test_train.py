@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -82,16 +83,17 @@ def test_kill_and_resume_continues_the_loss_curve(tmp_path):
 
 def test_two_cpu_processes_with_accelerate(tmp_path):
     config = _config(tmp_path, "ddp", max_steps=3, checkpoint_every=3)
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    # accelerate's own launcher starts one process for --cpu; torchrun starts two gloo ranks.
+    env = os.environ | {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "causvid.cli", "train", "autoencoder",
-         "--config", str(config)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "causvid.cli", "train", "autoencoder", "--config", str(config)],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(_losses(tmp_path / "ddp")) == 3
-    assert (tmp_path / "ddp" / "latest.json").exists()
+    state = json.loads(next((tmp_path / "ddp").glob("checkpoint-*/state.json")).read_text())
+    assert state["world_size"] == 2 and state["step"] == 3
 
 
 def test_teacher_objective_trains_and_exports_a_pipeline(tmp_path):

@@ -114,14 +114,13 @@ class KVCache:
             and (self.cross_text is text or torch.equal(self.cross_text, text))
         )
         if not same:
-            self.cross = [None] * self.num_layers
+            self.forget_prompt()
             self.cross_text = text
 
-    def reset(self) -> None:
-        """Forget every frame and the prompt: the start of a new stream."""
-        self.__post_init__()
+    def forget_prompt(self) -> None:
+        """Drop the cross-attention K/V so the next forward recomputes them (e.g. with gradient)."""
+        self.cross = [None] * self.num_layers
         self.cross_text = None
-        self.frames_seen = 0
 
 
 @dataclass

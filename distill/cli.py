@@ -1,0 +1,156 @@
+"""`causvid distill ...`: the distillation stages, registered through the `causvid.commands` entry point.
+
+    ode-pairs   teacher ODE trajectories at the student's levels (stage 1)
+    ode-init    causal student regressed onto them (stage 2)
+    dmd         asymmetric DMD, CausVid or Self-Forcing generator input (stage 3)
+    compare     shapes-bench of several checkpoints: the ablation table
+    drift       shapes-bench per segment of long streams
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from causvid.cli import add_checkpoint_args, add_training_args, load_training_config
+
+
+def build_objective(config):
+    """The distillation objective a config names, with its `objective_args`."""
+    from distill.dmd import DMDObjective
+    from distill.ode_init import OdeInitObjective
+
+    objectives = {"ode_init": OdeInitObjective, "dmd": DMDObjective}
+    if config.objective not in objectives:
+        raise ValueError(f"unknown objective {config.objective!r} (expected one of {', '.join(objectives)})")
+    try:
+        return objectives[config.objective](config, **config.objective_args)
+    except TypeError as error:
+        raise ValueError(f"bad objective_args for {config.objective}: {error}") from None
+
+
+def _train(objective: str):
+    def run(args: argparse.Namespace) -> None:
+        from causvid.train import train
+
+        config = load_training_config(args)
+        if config.objective != objective:
+            raise ValueError(f"{args.config} is a {config.objective!r} config, not {objective!r}")
+        step = train(config, build_objective(config))
+        print(f"stopped at step {step}; exported to {Path(config.out_dir) / 'export'}")
+
+    return run
+
+
+def _ode_pairs(args: argparse.Namespace) -> None:
+    import torch
+    from accelerate import PartialState
+
+    from causvid.pipeline import load_pipeline
+    from distill.ode_pairs import OdePairsConfig, generate_ode_pairs
+
+    config = OdePairsConfig.from_yaml(
+        args.config, teacher=args.teacher, out=args.out, num=args.num, batch=args.batch, shard_size=args.shard_size,
+        num_frames=args.frames, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+    )
+    # PartialState spans several CPU processes only when told it runs on CPU (unlike Accelerator,
+    # it ignores ACCELERATE_USE_CPU), and it is a singleton: the first call decides.
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    device = args.device or state.device
+    pipe = load_pipeline(config.teacher, device, dtype=torch.float32)
+    written = generate_ode_pairs(config, pipe, resume=args.resume)
+    print(f"wrote {len(written)} shards to {config.out}")
+
+
+def _cases(args: argparse.Namespace):
+    from causvid.eval.shapes_bench import default_prompt_set
+
+    return default_prompt_set(num_seen=args.num_seen, num_pairs=args.num_pairs)[: args.max_cases]
+
+
+def _labelled(items: list[str]) -> dict[str, Path]:
+    runs = {}
+    for item in items:
+        label, _, path = item.rpartition("=")
+        runs[label or Path(path).parent.name or path] = Path(path)
+    return runs
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from causvid.eval.shapes_bench import format_table
+    from distill.compare import ablation_table, compare, summary
+
+    if not args.checkpoints and args.teacher is None:
+        raise ValueError("nothing to compare: give checkpoints (LABEL=DIR) and/or --teacher DIR")
+    reports = compare(_labelled(args.checkpoints), _cases(args), args.seeds, args.frames, args.device,
+                      args.teacher, args.ground_truth)
+    for label, report in reports.items():
+        print(f"== {label}\n{format_table(report)}\n", file=sys.stderr)
+    print(ablation_table(reports), file=sys.stderr)
+    if args.out is not None:
+        args.out.write_text(json.dumps(reports, indent=2))
+    print(json.dumps({label: summary(report) for label, report in reports.items()}, indent=2))
+
+
+def _drift(args: argparse.Namespace) -> None:
+    from causvid.pipeline import load_pipeline
+    from distill.compare import drift, drift_table, summary
+
+    pipe = load_pipeline(args.checkpoint, args.device)
+    report = drift(pipe, _cases(args), args.seeds, args.frames, args.segment_frames, args.steps)
+    print(drift_table(report), file=sys.stderr)
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({s["start_frame"]: summary(s) for s in report["segments"]}, indent=2))
+
+
+def _add_bench_args(parser: argparse.ArgumentParser, frames: int, seeds: list[int], num_seen: int, num_pairs: int) -> None:
+    parser.add_argument("--frames", type=int, default=frames)
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    parser.add_argument("--num-seen", type=int, default=num_seen, help="seen single-object prompts (plus all held-out ones)")
+    parser.add_argument("--num-pairs", type=int, default=num_pairs, help="seen two-object prompts")
+    parser.add_argument("--max-cases", type=int, default=None, help="only the first N prompts (quick runs)")
+    parser.add_argument("--out", type=Path, default=None, help="write the full JSON report here")
+
+
+def register(subparsers) -> None:
+    distill = subparsers.add_parser("distill", help="distil the teacher into the causal student (ODE init, DMD)")
+    stages = distill.add_subparsers(dest="stage", required=True)
+
+    pairs = stages.add_parser("ode-pairs", help="teacher ODE trajectories at the student's noise levels")
+    pairs.add_argument("--config", type=Path, default=None, help="YAML with OdePairsConfig fields (flags override)")
+    pairs.add_argument("--teacher", default=None, help="teacher pipeline directory")
+    pairs.add_argument("--out", default=None, help="output directory of shards")
+    pairs.add_argument("--num", type=int, default=None, help="number of trajectories")
+    pairs.add_argument("--batch", type=int, default=None, help="trajectories per teacher forward")
+    pairs.add_argument("--shard-size", type=int, default=None, help="trajectories per shard file")
+    pairs.add_argument("--frames", type=int, default=None, help="pixel frames per clip (1 + 4k)")
+    pairs.add_argument("--steps", type=int, default=None, help="Euler steps (default: the pipeline's teacher_steps)")
+    pairs.add_argument("--guidance-scale", type=float, default=None)
+    pairs.add_argument("--seed", type=int, default=None)
+    pairs.add_argument("--device", default=None, help="default: this accelerate process's device")
+    pairs.add_argument("--resume", action="store_true", help="complete an existing output, skipping finished shards")
+    pairs.set_defaults(func=_ode_pairs)
+
+    for name, objective, text in (("ode-init", "ode_init", "causal student regressed onto teacher ODE endpoints"),
+                                  ("dmd", "dmd", "asymmetric DMD (CausVid or Self-Forcing generator input)")):
+        stage = stages.add_parser(name, help=text)
+        add_training_args(stage)
+        stage.set_defaults(func=_train(objective))
+
+    comparison = stages.add_parser("compare", help="shapes-bench of checkpoints' students: the ablation table (JSON)")
+    comparison.add_argument("checkpoints", nargs="*", help="LABEL=DIR (or DIR) pipeline directories")
+    comparison.add_argument("--teacher", type=Path, default=None, help="also score this pipeline's teacher (CFG)")
+    comparison.add_argument("--ground-truth", action="store_true", help="also score rendered clips (the ceiling)")
+    _add_bench_args(comparison, frames=33, seeds=[0, 1, 2, 3], num_seen=16, num_pairs=2)
+    comparison.add_argument("--device", default=None)
+    comparison.set_defaults(func=_compare)
+
+    drifting = stages.add_parser("drift", help="shapes-bench per segment of long streams (JSON)")
+    _add_bench_args(drifting, frames=2048, seeds=[0], num_seen=4, num_pairs=0)
+    drifting.add_argument("--segment-frames", type=int, default=32)
+    drifting.add_argument("--steps", type=int, default=None, help="student steps per block")
+    add_checkpoint_args(drifting)
+    drifting.set_defaults(func=_drift)

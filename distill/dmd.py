@@ -1,0 +1,176 @@
+"""Stage 3 of CausVid (arXiv 2412.07772, sec. 3.2): asymmetric distribution matching distillation.
+
+DMD (Yin et al. 2024, arXiv 2311.18828; DMD2, arXiv 2405.14867) moves the generator's samples
+along the difference of two score estimates at a random noise level: the frozen teacher's with
+classifier-free guidance (real) and a critic's that tracks the generator's own distribution
+(fake). "Asymmetric": the generator is the block-causal student, the real score the
+bidirectional teacher, which sees the whole clip and so judges temporal coherence better than a
+causal one would (CausVid's ablations; the causal variant is kept as one here).
+
+`DMD` owns the real score and the loss settings; the generator and the critic are passed in,
+as the training loop wrapped them. `DMDObjective` wires it to `causvid.train.train`, with two
+ways of producing the generator's samples: CausVid's (teacher ODE endpoints noised per block,
+one causal forward) or Self-Forcing's (its own autoregressive rollout, `distill.self_forcing`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from causvid.models.autoencoder import num_latent_frames
+from causvid.models.denoiser import WanDenoiser
+from causvid.rollout import CausalRollout
+from causvid.samplers import guided_velocity
+from causvid.schedule import add_noise, shift_sigma, velocity_target, x0_from_velocity
+from distill.self_forcing import self_forcing_rollout
+from distill.student import StudentObjective, block_levels, randn_like
+
+
+def dmd_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
+    """DMD's update direction (fake_x0 - real_x0), normalised per sample by mean |x - real_x0| (DMD eq. 8)."""
+    normaliser = (x - real_x0).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+    return (fake_x0 - real_x0) / normaliser.clamp_min(1e-8)
+
+
+class DMD:
+    """Distribution matching with a frozen real score (the teacher, with CFG) and a trainable fake score."""
+
+    def __init__(
+        self,
+        real_score: WanDenoiser,
+        guidance_scale: float,
+        shift: float = 1.0,
+        sigma_range: tuple[float, float] = (0.02, 0.98),
+        causal_scores: bool = False,
+    ):
+        self.real_score = real_score
+        self.guidance_scale = guidance_scale
+        self.shift = shift
+        self.sigma_range = sigma_range
+        self.causal_scores = causal_scores
+
+    def sample_sigma(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Noise levels [B]: uniform, through the teacher's timestep shift, clipped to `sigma_range` (as CausVid)."""
+        return shift_sigma(torch.rand(batch, generator=generator), self.shift).clamp(*self.sigma_range)
+
+    def _score(self, model) -> Callable[..., torch.Tensor]:
+        """model(x, sigma, text) in the scores' attention mode: bidirectional, or causal (ablation)."""
+        return functools.partial(model, causal=self.causal_scores)
+
+    def generator_loss(
+        self, x: torch.Tensor, fake_score, text: torch.Tensor, null_text: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict]:
+        """0.5 * MSE(x, stopgrad(x - grad)): its gradient with respect to x is the DMD gradient."""
+        sigma = self.sample_sigma(x.shape[0], generator).to(x.device)
+        with torch.no_grad():
+            x_t = add_noise(x.detach(), randn_like(x, generator), sigma)
+            real = guided_velocity(self._score(self.real_score), text, null_text, self.guidance_scale)(x_t, sigma)
+            real_x0 = x0_from_velocity(x_t, real, sigma)
+            fake_x0 = x0_from_velocity(x_t, self._score(fake_score)(x_t, sigma, text), sigma)
+            grad = dmd_gradient(x.detach(), real_x0, fake_x0)
+        loss = 0.5 * F.mse_loss(x.float(), (x.detach() - grad).float())
+        return loss, {"dmd_grad_abs": grad.abs().mean().item()}
+
+    def critic_loss(
+        self, x: torch.Tensor, fake_score, text: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict]:
+        """Flow matching of the fake score on the generator's (detached) samples."""
+        x = x.detach()
+        sigma = self.sample_sigma(x.shape[0], generator).to(x.device)
+        noise = randn_like(x, generator)
+        velocity = self._score(fake_score)(add_noise(x, noise, sigma), sigma, text)
+        return F.mse_loss(velocity.float(), velocity_target(x, noise).float()), {}
+
+
+class DMDObjective(StudentObjective):
+    """Asymmetric DMD of the causal student: critic every step, generator every `generator_every`-th.
+
+    Args (the config's `objective_args`):
+        teacher: pipeline directory of the teacher (the real score; the critic starts as a copy).
+        generator_init: pipeline directory whose transformer/ starts the generator (the ODE-init
+            export), or None for the teacher's weights (the "no ODE init" ablation).
+        generator_input: "causvid" (needs data {type: ode_pairs}) or "self_forcing" (data {type: prompts}).
+        guidance_scale: the real score's CFG scale (default: the pipeline's).
+        sigma_range: the range DMD and critic noise levels are clipped to.
+        causal_teacher: run the real and fake scores under the block-causal mask (ablation).
+        num_frames: pixel frames of a self-forcing rollout (1 + 4k, whole blocks).
+        sample_cases, sample_frames: the shapes-bench check run every `sample_every` steps.
+    """
+
+    def __init__(
+        self,
+        config,
+        teacher: str,
+        generator_init: str | None = None,
+        generator_input: str = "causvid",
+        generator_every: int = 5,
+        guidance_scale: float | None = None,
+        sigma_range: tuple[float, float] = (0.02, 0.98),
+        causal_teacher: bool = False,
+        num_frames: int = 21,
+        sample_cases: int = 4,
+        sample_frames: int = 33,
+    ):
+        super().__init__(config, teacher, sample_cases, sample_frames)
+        if generator_input not in ("causvid", "self_forcing"):
+            raise ValueError(f"generator_input must be 'causvid' or 'self_forcing', got {generator_input!r}")
+        if generator_every < 1:
+            raise ValueError(f"generator_every must be >= 1, got {generator_every}")
+        wanted = "ode_pairs" if generator_input == "causvid" else "prompts"
+        if self.config.data.get("type", "ode_pairs") != wanted:
+            raise ValueError(f"generator_input {generator_input!r} needs data of type {wanted!r}")
+        self.generator_input = generator_input
+        self.generator_every = generator_every
+        self.latent_frames = num_latent_frames(num_frames)
+        # None: the teacher's weights, i.e. DMD without ODE initialisation (an ablation).
+        self.generator = self.load_student(generator_init)
+        # The critic starts as the teacher (DMD2): a good video score, which then follows the generator.
+        self.critic = copy.deepcopy(self.teacher).requires_grad_(True).train()
+        # Causal scores (ablation): the critic runs causally too, so the two scores differ by the
+        # distributions they model and not by what context they see.
+        self.dmd = DMD(
+            self.teacher,
+            self.pipeline_config.guidance_scale if guidance_scale is None else guidance_scale,
+            self.pipeline_config.shift,
+            tuple(sigma_range),
+            causal_teacher,
+        )
+        self.sigmas = self.teacher_pipeline.student_sigmas()
+
+    def trainable(self):
+        return {"generator": self.generator, "critic": self.critic}
+
+    def losses(self, models, batch, step, generator):
+        device = self.place(models)
+        text = self.encode(batch["caption"], device)
+        train_generator = step % self.generator_every == 0
+        # Between generator updates the samples only feed the critic: no graph needed.
+        with torch.set_grad_enabled(train_generator):
+            x = self.generate(models["generator"], batch, text, generator, device)
+        losses = {"critic": self.dmd.critic_loss(x, models["critic"], text, generator)}
+        if train_generator:
+            null_text = self.encode([self.pipeline_config.negative_prompt] * len(text), device)
+            losses["generator"] = self.dmd.generator_loss(x, models["critic"], text, null_text, generator)
+        return losses
+
+    def generate(self, model, batch, text, generator, device) -> torch.Tensor:
+        """The generator's samples [B, C, F, H, W] for this step, in the configured input mode."""
+        sigmas = self.sigmas.to(device)
+        if self.generator_input == "causvid":
+            # CausVid: teacher ODE endpoints noised to a random student level per block, one causal forward.
+            x0 = batch["trajectory"][:, -1].to(device)
+            level = block_levels(x0.shape[0], x0.shape[2], self.pipeline_config.block_frames, len(sigmas), generator)
+            sigma = sigmas[level.to(device)]
+            x_t = add_noise(x0, randn_like(x0, generator), sigma)
+            return x0_from_velocity(x_t, model(x_t, sigma, text, causal=True), sigma)
+        rollout = CausalRollout(
+            self.generator, sigmas, self.teacher_pipeline.latent_shape, batch=len(text),
+            sink_frames=self.pipeline_config.sink_frames, window_frames=self.pipeline_config.window_frames,
+            generator=generator, device=device,
+        )
+        return self_forcing_rollout(rollout, model, text, self.latent_frames, generator)

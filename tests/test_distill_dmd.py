@@ -1,0 +1,150 @@
+"""Distillation stage 3: the DMD gradient, the critic/generator schedule, both generator inputs, resume."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+import yaml
+
+from causvid.checkpoint import load_tensors
+from causvid.cli import main
+from causvid.pipeline import load_pipeline
+from causvid.rollout import CausalRollout
+from causvid.schedule import student_sigmas
+from distill.dmd import DMD, dmd_gradient
+from distill.self_forcing import self_forcing_rollout
+
+
+def _toy_score(target: torch.Tensor):
+    """A 'model' whose x0 prediction is always `target` (v = (x_t - x0) / sigma)."""
+
+    def score(x, sigma, text, causal=False):
+        return (x - target) / sigma.view(-1, 1, 1, 1, 1)
+
+    return score
+
+
+def _dmd_step(x: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    dmd = DMD(_toy_score(real), guidance_scale=1.0)
+    loss, _ = dmd.generator_loss(x, _toy_score(fake), None, None, torch.Generator().manual_seed(0))
+    loss.backward()
+    return x.grad
+
+
+def test_dmd_gradient_vanishes_when_fake_matches_real_and_points_to_real():
+    x = torch.randn(2, 4, 3, 5, 5)
+    real = torch.randn(2, 4, 3, 5, 5)
+    assert torch.count_nonzero(_dmd_step(x, real, real)) == 0
+    # A critic that has fitted the generator (fake x0 = x): descent moves x towards the real x0.
+    grad = _dmd_step(x, real, x)
+    torch.testing.assert_close(grad, dmd_gradient(x, real, x) / x.numel())
+    assert ((x - grad * x.numel() * 0.1 - real).norm() < (x - real).norm())
+    # Normalised per sample: scaling one sample's distance to real does not change its gradient.
+    far = x.clone()
+    far[1] = real[1] + 10 * (x[1] - real[1])
+    torch.testing.assert_close(dmd_gradient(far, real, far)[1], dmd_gradient(x, real, x)[1])
+
+
+def _run_config(tmp_path, name, teacher, data, **objective_args):
+    config = {
+        "objective": "dmd", "out_dir": str(tmp_path / name), "max_steps": 4, "batch_size": 2,
+        "lr": {"generator": 1e-3, "critic": 1e-3}, "warmup_steps": 1, "log_every": 1, "sample_every": 1000,
+        "checkpoint_every": 2, "ema_decay": 0.9, "betas": [0.0, 0.999], "data": data,
+        "objective_args": {"teacher": str(teacher), "generator_every": 2, "sample_cases": 1, "sample_frames": 9}
+        | objective_args,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _metrics(run) -> list[dict]:
+    """metrics.csv rows without the timing column (which differs between identical runs)."""
+    with open(run / "metrics.csv", newline="") as handle:
+        return [{k: v for k, v in row.items() if k != "seconds_per_step"} for row in csv.DictReader(handle)]
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pairs") / "pairs"
+    assert main(["distill", "ode-pairs", "--teacher", str(tiny_checkpoint), "--out", str(out), "--num", "4",
+                 "--batch", "2", "--frames", "13", "--device", "cpu"]) == 0
+    return out
+
+
+def test_causvid_dmd_steps_critic_every_step_generator_every_rth_and_resumes_exactly(pairs, tiny_checkpoint, tmp_path):
+    data = {"type": "ode_pairs", "root": str(pairs)}
+    straight = _run_config(tmp_path, "straight", tiny_checkpoint, data)
+    assert main(["distill", "dmd", "--config", str(straight)]) == 0
+    rows = _metrics(tmp_path / "straight")
+    assert [r["step"] for r in rows if r.get("loss_critic")] == ["1", "2", "3", "4"]
+    assert [r["step"] for r in rows if r.get("loss_generator")] == ["1", "3"]  # steps 0 and 2 with r = 2
+    checkpoint = next((tmp_path / "straight").glob("checkpoint-0000004"))
+    steps = {name: load_tensors(checkpoint / f"{name}_optimizer.safetensors")["opt.0.step"].item()
+             for name in ("generator", "critic")}
+    assert steps == {"generator": 2, "critic": 4}
+
+    split = _run_config(tmp_path, "split", tiny_checkpoint, data)
+    assert main(["distill", "dmd", "--config", str(split), "--max-steps", "2"]) == 0
+    assert main(["distill", "dmd", "--config", str(split), "--resume"]) == 0
+    assert _metrics(tmp_path / "split") == rows
+    for name in ("generator", "critic", "generator_ema"):
+        a = load_tensors(checkpoint / f"{name}.safetensors")
+        b = load_tensors(tmp_path / "split" / "checkpoint-0000004" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # The export is a pipeline whose student is the (EMA) generator, with the teacher alongside.
+    pipe = load_pipeline(tmp_path / "straight" / "export", "cpu", torch.float32)
+    ema = load_tensors(checkpoint / "generator_ema.safetensors")
+    student = pipe.denoiser.state_dict()
+    assert all(torch.equal(student[k], ema[k]) for k in ema)
+    assert pipe.teacher is not None
+
+
+def test_self_forcing_dmd_with_causal_teacher_and_generator_from_a_pipeline(tiny_checkpoint, tmp_path):
+    config = _run_config(tmp_path, "sf", tiny_checkpoint, {"type": "prompts", "seed": 1},
+                         generator_input="self_forcing", num_frames=13, causal_teacher=True,
+                         generator_init=str(tiny_checkpoint), sample_frames=9)
+    assert main(["distill", "dmd", "--config", str(config), "--max-steps", "3"]) == 0
+    rows = _metrics(tmp_path / "sf")
+    assert [r["step"] for r in rows if r.get("loss_generator")] == ["1", "3"]
+    assert all(float(r["loss_critic"]) >= 0 for r in rows)
+    load_pipeline(tmp_path / "sf" / "export", "cpu", torch.float32)
+    # The wrong data for the input mode is refused.
+    bad = _run_config(tmp_path, "bad", tiny_checkpoint, {"type": "prompts"})
+    assert main(["distill", "dmd", "--config", str(bad)]) == 2
+
+
+def test_self_forcing_rollout_keeps_a_graph_only_for_each_blocks_exit_step(tiny_denoiser):
+    sigmas = student_sigmas([1000, 750, 500, 250])
+    calls = []
+    tiny_denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((torch.is_grad_enabled(), float(args[1][0]), kwargs.get("write_cache"))),
+        with_kwargs=True,
+    )
+    rng = torch.Generator().manual_seed(5)
+    rollout = CausalRollout(tiny_denoiser, sigmas, (4, 8, 8), batch=2, generator=rng)
+    text = torch.randn(2, 32, 384)
+    video = self_forcing_rollout(rollout, tiny_denoiser, text, 6, rng)
+    assert video.shape == (2, 4, 6, 8, 8) and video.requires_grad
+
+    blocks, current = [], []
+    for call in calls:
+        current.append(call)
+        if call[2]:  # the commit closes a block
+            blocks.append(current)
+            current = []
+    assert len(blocks) == 3 and not current
+    for block in blocks:
+        *steps, commit = block
+        *before, exit_call = steps
+        assert commit[0] is False and commit[1] == 0.0  # the clean pass into the cache: no graph
+        assert exit_call[0] is True  # the one step with a graph...
+        assert [c[0] for c in before] == [False] * len(before)  # ...after gradient-free steps
+        assert [c[1] for c in steps] == pytest.approx(sigmas[: len(steps)].tolist())  # in schedule order
+    assert len({len(block) for block in blocks}) > 1  # exit steps are drawn per block
+
+    video.square().mean().backward()
+    assert all(p.grad is not None for p in tiny_denoiser.parameters() if p.requires_grad)
