@@ -75,7 +75,8 @@ class CausalRollout:
         """
         if noise is None:
             noise = self.noise(self.denoiser.block_frames)
-        clean = sample_few_step(self.velocity_fn(text), noise, self.sigmas if sigmas is None else sigmas, self.generator)
+        sigmas = self.sigmas if sigmas is None else sigmas
+        clean = sample_few_step(self.velocity_fn(text), noise, sigmas, lambda: self.noise(noise.shape[2]))
         self.commit(clean, text)
         return clean
 

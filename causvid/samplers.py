@@ -80,18 +80,20 @@ def sample_few_step(
     velocity_fn: VelocityFn,
     noise: torch.Tensor,
     sigmas: torch.Tensor,
-    generator: torch.Generator | None = None,
+    noise_sampler: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The distilled student's sampler (DMD, Yin et al. 2024): predict x0, re-noise to the next level.
 
     `sigmas` holds only the student's levels, e.g. [1, .75, .5, .25]; the last x0 is returned.
+    `noise_sampler()` gives the fresh noise for each re-noising (k-diffusion's convention), so a
+    caller decides where randomness comes from, e.g. one generator per stream in a batch.
     """
+    noise_sampler = noise_sampler or (lambda: torch.randn_like(noise))
     x = noise
     for i, sigma_value in enumerate(sigmas):
         sigma = sigma_value.expand(x.shape[0])
         x0 = x0_from_velocity(x, velocity_fn(x, sigma), sigma)
         if i + 1 == len(sigmas):
             return x0
-        fresh = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
-        x = add_noise(x0, fresh.to(x.device, x.dtype), sigmas[i + 1].expand(x.shape[0]))
+        x = add_noise(x0, noise_sampler().to(x.device, x.dtype), sigmas[i + 1].expand(x.shape[0]))
     raise ValueError("sample_few_step needs at least one noise level")

@@ -45,7 +45,8 @@ def self_forcing_rollout(
         if exit_step > 0:
             # The steps before the exit step, as at inference (predict x0, re-noise), without a graph.
             with torch.no_grad():
-                x0 = sample_few_step(rollout.velocity_fn(text), x, sigmas[:exit_step], rng)
+                x0 = sample_few_step(rollout.velocity_fn(text), x, sigmas[:exit_step],
+                                     lambda: torch.randn(x.shape, generator=rng))
             x = add_noise(x0, rollout.noise(block_frames), sigmas[exit_step].expand(x.shape[0]))
         sigma = sigmas[exit_step].expand(x.shape[0])
         # The cache keeps the prompt's cross-attention K/V from the stream's first forward, which

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Tiny models gain nothing from a thread pool, and a pool fighting other processes for two
+# cores slows torch down by 10x or more. Subprocesses started by tests inherit the variable.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 from causvid.presets import build_pipeline, build_transformer
 from causvid.text import MiniLMTextEncoder

@@ -1,0 +1,100 @@
+"""Denoise the next block of several streams, batching the ones whose shapes match.
+
+Streams whose KV caches hold the same number of frames and who sample the same noise levels
+can share one forward pass per step: their caches are stacked along the batch dimension,
+denoised together, and split back. Each stream keeps drawing its re-noising from its own
+generator, so a batched block equals the block the stream would get alone (test_stream_session).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from causvid.models.attention import KVCache
+from causvid.rollout import CausalRollout
+from causvid.samplers import sample_few_step
+from stream.generator import BlockPlan
+
+
+def stack_caches(caches: list[KVCache]) -> KVCache:
+    """One cache whose batch rows are the given caches (all holding the same number of frames)."""
+    first = caches[0]
+    merged = KVCache(first.num_layers, first.tokens_per_frame, first.sink_frames, first.window_frames)
+    for layer in range(first.num_layers):
+        if first.keys[layer] is not None:
+            merged.keys[layer] = torch.cat([c.keys[layer] for c in caches])
+            merged.values[layer] = torch.cat([c.values[layer] for c in caches])
+    # The prompts' cross-attention K/V carry over only if every stream has them; otherwise the
+    # merged cache recomputes them for all (KVCache.sync_prompt sees no cross_text).
+    if all(c.cross_text is not None and all(x is not None for x in c.cross) for c in caches):
+        merged.cross_text = torch.cat([c.cross_text for c in caches])
+        merged.cross = [
+            (torch.cat([c.cross[layer][0] for c in caches]), torch.cat([c.cross[layer][1] for c in caches]))
+            for layer in range(first.num_layers)
+        ]
+    return merged
+
+
+def unstack_cache(merged: KVCache, caches: list[KVCache]) -> None:
+    """Write the batch rows of `merged` back into the streams' own caches."""
+    for i, cache in enumerate(caches):
+        row = slice(i, i + 1)
+        for layer in range(merged.num_layers):
+            cache.keys[layer] = merged.keys[layer][row]
+            cache.values[layer] = merged.values[layer][row]
+            key, value = merged.cross[layer]
+            cache.cross[layer] = (key[row], value[row])
+        cache.cross_text = merged.cross_text[row]
+        cache.frames_seen += merged.frames_seen
+
+
+def _batch_key(plan: BlockPlan) -> tuple:
+    return (plan.generator.rollout.cache.cached_frames, tuple(plan.sigmas.tolist()), tuple(plan.noise.shape))
+
+
+def _denoise_together(plans: list[BlockPlan]) -> list[torch.Tensor]:
+    """`CausalRollout.next_block` for several streams at once; returns each stream's clean block."""
+    rollouts = [plan.generator.rollout for plan in plans]
+    first, sigmas = rollouts[0], plans[0].sigmas
+    frames = plans[0].noise.shape[2]
+    batch = CausalRollout(
+        first.denoiser, sigmas, (first.channels, first.height, first.width), batch=len(plans),
+        sink_frames=first.cache.sink_frames, window_frames=first.cache.window_frames, device=first.device,
+    )
+    batch.cache = stack_caches([r.cache for r in rollouts])
+    text = torch.cat([plan.text for plan in plans])
+    # Each stream re-noises from its own generator, so its block equals the one it gets alone.
+    x0 = sample_few_step(
+        batch.velocity_fn(text), torch.cat([plan.noise for plan in plans]), sigmas,
+        lambda: torch.cat([r.noise(frames) for r in rollouts]),
+    )
+    batch.commit(x0, text)
+    unstack_cache(batch.cache, [r.cache for r in rollouts])
+    for rollout in rollouts:
+        rollout.frames_done += frames
+    return list(x0.split(1))
+
+
+def group_plans(plans: list[BlockPlan], batching: bool = True) -> list[list[int]]:
+    """Indices of plans that can share forward passes (each plan alone when not batching)."""
+    if not batching:
+        return [[i] for i in range(len(plans))]
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, plan in enumerate(plans):
+        groups[_batch_key(plan)].append(i)
+    return list(groups.values())
+
+
+def denoise(plans: list[BlockPlan], groups: list[list[int]]) -> list[torch.Tensor]:
+    """Denoise and commit every plan's block, group by group; clean latents in the order of `plans`."""
+    clean: list[torch.Tensor | None] = [None] * len(plans)
+    for members in groups:
+        if len(members) == 1:
+            plan = plans[members[0]]
+            clean[members[0]] = plan.generator.rollout.next_block(plan.text, plan.noise, plan.sigmas)
+            continue
+        for i, block in zip(members, _denoise_together([plans[i] for i in members])):
+            clean[i] = block
+    return clean

@@ -1,0 +1,146 @@
+"""`causvid serve`, `causvid client` and `causvid bench stream` (registered through setup.cfg)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+from pathlib import Path
+
+from causvid.cli import add_checkpoint_args
+
+# On a CPU shared with other work, torch's busy-waiting worker threads can cost 10x: say 1.
+THREADS_HELP = "torch CPU threads (default: torch's choice)"
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from causvid.pipeline import load_pipeline
+    from stream.protocol import Limits
+    from stream.server import ServerConfig
+
+    if args.max_sessions < 1:
+        raise ValueError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _set_threads(args.threads)
+    pipe = load_pipeline(args.checkpoint, args.device)
+    config = ServerConfig(
+        host=args.host, port=args.port, max_sessions=args.max_sessions, token=args.token,
+        allowed_origins=tuple(args.allow_origin), max_queue_frames=args.max_queue_frames,
+        batching=not args.no_batching, limits=Limits(max_message_bytes=args.max_message_bytes),
+    )
+    asyncio.run(_serve_until_signal(pipe, config))
+
+
+async def _serve_until_signal(pipe, config) -> None:
+    from stream.server import StreamServer
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with StreamServer(pipe, config) as server:
+        print(f"serving on {server.url} (websocket {server.ws_url})", flush=True)
+        await stop.wait()
+        print("shutting down", flush=True)
+
+
+def _client(args: argparse.Namespace) -> None:
+    from stream.client import record
+    from stream.protocol import Limits, decode_image
+
+    image = video = None
+    if args.image is not None:
+        if not args.image.is_file():
+            raise FileNotFoundError(f"{args.image}: file not found")
+        image = decode_image(args.image.read_bytes(), Limits())
+    if args.video is not None:
+        from causvid.video_io import read_video
+
+        video = read_video(args.video)[: args.frames]
+    if args.output is not None and args.output.suffix.lower() != ".mp4":
+        raise ValueError(f"{args.output}: the client records .mp4")
+    switch = (args.switch_at[0], args.switch_at[1]) if args.switch_at else None
+    options = {k: v for k, v in (("steps", args.steps), ("strength", args.strength)) if v is not None}
+    stats = record(
+        args.url, args.prompt, args.output, frames=args.frames, seed=args.seed, switch_at=switch,
+        image=image, video=video, token=args.token, pacing=args.pacing, **options,
+    )
+    if args.output is not None:
+        print(f"wrote {args.output}: {stats.frames} frames")
+    latency = stats.latency_ms
+    print(f"{stats.frames} frames, {stats.fps:.1f} fps, first frame after {stats.first_frame_s * 1000:.0f} ms, "
+          f"latency p50 {latency['p50']:.0f} ms p95 {latency['p95']:.0f} ms, dropped {stats.dropped}")
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _bench_stream(args: argparse.Namespace) -> None:
+    from stream.bench import run_stream_bench
+
+    _set_threads(args.threads)
+    record = run_stream_bench(
+        args.checkpoint, args.device, seconds=args.seconds, clients=tuple(args.clients),
+        teacher_frames=args.teacher_frames, prompts=args.prompt or None,
+    )
+    print(json.dumps(record))
+
+
+class _SwitchAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, (int(values[0]), values[1]))
+        except ValueError:
+            parser.error(f"{option_string} takes a frame number and a prompt, got {values[0]!r}")
+
+
+def register(subparsers) -> None:
+    """Add serve, client and bench (with its stream subcommand)."""
+    serve = subparsers.add_parser("serve", help="serve live generation over websockets, with a web page")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    serve.add_argument("--max-sessions", type=int, default=4, help="concurrent clients; more are refused")
+    serve.add_argument("--token", default=None, help="require this token (?token= or an auth message)")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                       help="allow browser pages from this origin too (repeatable; '*' for any)")
+    serve.add_argument("--max-queue-frames", type=int, default=32, help="frames queued per client before dropping")
+    serve.add_argument("--max-message-bytes", type=int, default=2 * 2**20)
+    serve.add_argument("--no-batching", action="store_true", help="one forward pass per stream")
+    serve.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    add_checkpoint_args(serve)
+    serve.set_defaults(func=_serve)
+
+    client = subparsers.add_parser("client", help="record a stream from a server into an mp4")
+    client.add_argument("url", help="ws://HOST:PORT/ws")
+    client.add_argument("--prompt", required=True)
+    client.add_argument("-o", "--output", type=Path, default=None, help="out.mp4")
+    client.add_argument("--frames", type=int, default=33, help="frames to record (v2v: at most this many inputs)")
+    client.add_argument("--seed", type=int, default=0)
+    client.add_argument("--switch-at", nargs=2, metavar=("FRAME", "PROMPT"), action=_SwitchAction, default=None,
+                        help="switch to PROMPT once FRAME frames have arrived")
+    client.add_argument("--image", type=Path, default=None, help="image to video from this image")
+    client.add_argument("--video", type=Path, default=None, help="video to video from this file")
+    client.add_argument("--strength", type=float, default=None, help="v2v noise level (default 0.5)")
+    client.add_argument("--steps", type=int, default=None)
+    client.add_argument("--pacing", choices=("realtime", "fast"), default="realtime")
+    client.add_argument("--token", default=None)
+    client.set_defaults(func=_client)
+
+    bench = subparsers.add_parser("bench", help="benchmarks")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    stream = benches.add_parser("stream", help="end-to-end streaming benchmark (one JSON record)")
+    stream.add_argument("--seconds", type=float, default=10.0, help="length of each measured stream")
+    stream.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4], help="concurrency levels")
+    stream.add_argument("--teacher-frames", type=int, default=17, help="clip length for student vs teacher")
+    stream.add_argument("--prompt", action="append", default=[], help="prompts (repeatable)")
+    stream.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    add_checkpoint_args(stream)
+    stream.set_defaults(func=_bench_stream)

@@ -1,0 +1,163 @@
+"""The engine: one model thread shared by every session, and the loop that feeds it.
+
+The loop runs on the event loop. Each round it takes the sessions that want a block (their
+pacer says so, or v2v input arrived), hands their pending controls to the model thread in
+one call, and delivers the finished blocks to the sessions' outboxes. Inside that call, the
+blocks of streams with matching shapes are denoised as one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+import torch
+
+from causvid.pipeline import CausVidPipeline
+from stream.batching import denoise, group_plans
+from stream.generator import BlockGenerator, BlockOutput
+from stream.protocol import StartRequest
+from stream.session import Controls, Session
+
+log = logging.getLogger("stream.engine")
+T = TypeVar("T")
+
+StepResult = tuple[BlockGenerator | None, BlockOutput | Exception]
+
+
+class Engine:
+    """Schedules the blocks of all sessions onto one model thread."""
+
+    def __init__(self, pipe: CausVidPipeline, batching: bool = True, jpeg_quality: int = 85):
+        self.pipe = pipe
+        self.batching = batching
+        self.jpeg_quality = jpeg_quality
+        # One thread, because the denoiser's attention context is per-model state (forwards must
+        # not overlap), and concurrent torch forwards gain nothing on a few CPU cores anyway.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="causvid-model")
+        self.sessions: dict[str, Session] = {}
+        self.blocks = 0  # blocks generated, over all sessions
+        self.batches = 0  # groups of blocks denoised together (== blocks without batching)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="stream-engine")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await asyncio.to_thread(self.executor.shutdown, wait=True)
+
+    def add(self, session: Session) -> None:
+        self.sessions[session.id] = session
+        self.wake()
+
+    def remove(self, session: Session) -> None:
+        """Forget a session; a block of it still on the model thread is discarded when it returns."""
+        session.closed = True
+        self.sessions.pop(session.id, None)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def call(self, fn: Callable[..., T], *args) -> T:
+        """Run other model work (e.g. the benchmark's teacher) on the model thread, in turn."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _run(self) -> None:
+        while True:
+            now = time.time()
+            due = [s for s in self.sessions.values() if s.wants_block(now)]
+            if not due:
+                await self._sleep(now)
+                continue
+            work = []
+            for session in due:
+                session.busy = True
+                work.append((session, session.take_controls()))
+            try:
+                results = await self.call(self._step, [(s.generator, s.request, c) for s, c in work])
+            finally:
+                for session, _ in work:
+                    session.busy = False
+            for (session, _), (generator, result) in zip(work, results):
+                session.generator = generator
+                if session.closed:
+                    continue
+                if isinstance(result, Exception):
+                    session.fail("generation_failed", f"{type(result).__name__}: {result}")
+                else:
+                    session.deliver(result)
+                if session.done:
+                    self.sessions.pop(session.id, None)
+
+    async def _sleep(self, now: float) -> None:
+        """Until a session's control changes (wake) or a realtime session's next block is due."""
+        deadlines = [d for s in self.sessions.values() if (d := s.next_due(now)) is not None]
+        timeout = max(0.0, min(deadlines) - now) if deadlines else None
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    # -- on the model thread -----------------------------------------------------------------
+
+    def _step(self, work: list[tuple[BlockGenerator | None, StartRequest, Controls]]) -> list[StepResult]:
+        """Apply controls, then plan, denoise (batched) and decode one block per session."""
+        generators: list[BlockGenerator | None] = []
+        results: list[BlockOutput | Exception | None] = [None] * len(work)
+        plans, owners = [], []
+        with torch.inference_mode():
+            for i, (generator, request, controls) in enumerate(work):
+                try:
+                    generator = generator or BlockGenerator(self.pipe, request, self.jpeg_quality)
+                    generators.append(generator)
+                    self._apply(generator, request, controls)
+                    plan = generator.plan()
+                except Exception as error:  # one stream's failure must not stop the others
+                    log.exception("session step failed")
+                    if len(generators) == i:
+                        generators.append(None)
+                    results[i] = error
+                    continue
+                if plan is None:
+                    results[i] = generator.idle_output()
+                else:
+                    plans.append(plan)
+                    owners.append(i)
+            groups = group_plans(plans, self.batching)
+            try:
+                clean = denoise(plans, groups)
+            except Exception as error:
+                log.exception("denoising failed")
+                for i in owners:
+                    results[i] = error
+                return list(zip(generators, results))
+            self.blocks += len(plans)
+            self.batches += len(groups)
+            for i, plan, block in zip(owners, plans, clean):
+                try:
+                    results[i] = plan.generator.finish(block)
+                except Exception as error:
+                    log.exception("decoding failed")
+                    results[i] = error
+        return list(zip(generators, results))
+
+    @staticmethod
+    def _apply(generator: BlockGenerator, request: StartRequest, controls: Controls) -> None:
+        if controls.switch is not None:
+            blocks = controls.switch.interpolate_blocks
+            generator.switch_prompt(controls.switch.prompt, request.interpolate_blocks if blocks is None else blocks)
+        if generator.mode == "v2v":
+            generator.feed(controls.inputs, controls.arrivals)
+            if controls.end_input:
+                generator.end_input()

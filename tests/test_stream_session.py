@@ -1,0 +1,171 @@
+"""The stream runtime below the network: generator modes, prompt switching, batching, outbox, pacing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from stream.batching import denoise, group_plans
+from stream.generator import BlockGenerator, v2v_sigmas
+from stream.protocol import FrameHeader, StartRequest, unpack_frame
+from stream.session import OutFrame, Outbox, Pacer
+
+
+def _blocks(generator: BlockGenerator, count: int, decode: bool = True) -> list[torch.Tensor]:
+    out = []
+    with torch.inference_mode():
+        for _ in range(count):
+            plan = generator.plan()
+            out.append(denoise([plan], [[0]])[0])
+            if decode:
+                generator.finish(out[-1])
+    return out
+
+
+def test_prompt_switch_changes_the_next_block_only(tiny_pipeline):
+    request = StartRequest("t2v", "a red circle moving right", seed=3)
+    switched, same = BlockGenerator(tiny_pipeline, request), BlockGenerator(tiny_pipeline, request)
+    before = _blocks(switched, 2)
+    assert all(torch.equal(a, b) for a, b in zip(before, _blocks(same, 2)))
+    with torch.inference_mode():
+        switched.switch_prompt("a blue square bouncing on gray", interpolate_blocks=0)
+    after, unchanged = _blocks(switched, 1)[0], _blocks(same, 1)[0]
+    assert (after - unchanged).abs().max() > 1e-3
+    # The cross-attention cache follows the prompt (KVCache.sync_prompt).
+    assert torch.equal(switched.rollout.cache.cross_text, tiny_pipeline.encode_prompt("a blue square bouncing on gray"))
+
+
+def test_prompt_interpolation_blends_embeddings_over_blocks(tiny_pipeline):
+    generator = BlockGenerator(tiny_pipeline, StartRequest("t2v", "a red circle", seed=0))
+    old, new = generator.text, tiny_pipeline.encode_prompt("a green triangle")
+    with torch.inference_mode():
+        generator.switch_prompt("a green triangle", interpolate_blocks=2)
+        texts = []
+        for _ in range(4):
+            plan = generator.plan()
+            texts.append(plan.text)
+            generator.finish(denoise([plan], [[0]])[0])
+    for text, weight in zip(texts, (1 / 3, 2 / 3, 1.0, 1.0)):
+        torch.testing.assert_close(text, torch.lerp(old, new, weight))
+    assert generator.idle_output().events == []  # the "prompt" event went out with the first block
+    assert generator.blocks == 4
+
+
+def test_i2v_prefills_the_cache_and_decodes_the_image_first(tiny_pipeline):
+    image = np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8)  # resized to 32x32
+    generator = BlockGenerator(tiny_pipeline, StartRequest("i2v", "a red circle", image=image))
+    assert generator.rollout.cache.cached_frames == 1 and generator.rollout.frames_done == 1
+    with torch.inference_mode():
+        plan = generator.plan()
+        out = generator.finish(denoise([plan], [[0]])[0])
+    k = tiny_pipeline.config.block_frames
+    assert len(out.jpegs) == 1 + 4 * k  # the image's frame, then the block's
+    assert out.cached_frames == 1 + k
+
+
+@pytest.mark.parametrize("num_inputs", [13, 11])
+def test_v2v_outputs_one_frame_per_input_frame(tiny_pipeline, num_inputs):
+    generator = BlockGenerator(tiny_pipeline, StartRequest("v2v", "a red circle", strength=0.5))
+    assert generator.sigmas.tolist() == [0.5, 0.25]
+    rng = np.random.default_rng(1)
+    outputs, arrivals = [], [1000.0 + i for i in range(num_inputs)]
+    with torch.inference_mode():
+        for start in range(0, num_inputs, 3):  # input arrives in uneven chunks
+            chunk = range(start, min(start + 3, num_inputs))
+            generator.feed([rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in chunk], [arrivals[i] for i in chunk])
+            while (plan := generator.plan()) is not None:
+                outputs.append(generator.finish(denoise([plan], [[0]])[0]))
+        assert not generator.is_done()
+        generator.end_input()
+        while (plan := generator.plan()) is not None:
+            outputs.append(generator.finish(denoise([plan], [[0]])[0]))
+    origins = [t for out in outputs for t in out.t_origin]
+    firsts = [out.first_index for out in outputs]
+    assert sum(len(out.jpegs) for out in outputs) == num_inputs
+    assert origins == arrivals  # output frame i carries input frame i's arrival time
+    assert firsts == sorted(firsts) and generator.is_done() and generator.idle_output().done
+
+
+def test_v2v_sigmas_follow_strength():
+    student = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    assert v2v_sigmas(student, 0.8).tolist() == [0.75, 0.5, 0.25]
+    assert v2v_sigmas(student, 1.0).tolist() == student.tolist()
+    assert v2v_sigmas(student, 0.1).tolist() == pytest.approx([0.1])
+
+
+def test_batched_blocks_equal_blocks_generated_alone(tiny_pipeline):
+    """Stacked KV caches (through eviction of the rolling window) give each stream its own result."""
+    prompts = ["a red circle moving right", "a blue square bouncing on gray"]
+    alone = [BlockGenerator(tiny_pipeline, StartRequest("t2v", p, seed=s)) for s, p in enumerate(prompts)]
+    together = [BlockGenerator(tiny_pipeline, StartRequest("t2v", p, seed=s)) for s, p in enumerate(prompts)]
+    expected = [_blocks(g, 3, decode=False) for g in alone]
+    with torch.inference_mode():
+        for block in range(3):
+            plans = [g.plan() for g in together]
+            groups = group_plans(plans)
+            assert groups == [[0, 1]]
+            for i, clean in enumerate(denoise(plans, groups)):
+                torch.testing.assert_close(clean, expected[i][block], atol=1e-4, rtol=1e-4)
+    for a, b in zip(alone, together):
+        assert b.rollout.cache.cached_frames == a.rollout.cache.cached_frames == 5  # 6 frames, sink 1 + window 4
+        assert b.rollout.frames_done == a.rollout.frames_done == 6
+
+
+def test_plans_with_different_cache_lengths_are_not_batched(tiny_pipeline):
+    t2v = BlockGenerator(tiny_pipeline, StartRequest("t2v", "a red circle"))
+    i2v = BlockGenerator(tiny_pipeline, StartRequest("i2v", "a red circle", image=np.zeros((32, 32, 3), np.uint8)))
+    with torch.inference_mode():
+        plans = [t2v.plan(), i2v.plan()]
+    assert group_plans(plans) == [[0], [1]]
+    assert group_plans(plans, batching=False) == [[0], [1]]
+
+
+def _frame(index: int, send_at: float = 0.0) -> OutFrame:
+    return OutFrame(send_at, FrameHeader(index, 0, 0, 0.0, 0.0), b"jpeg")
+
+
+def test_outbox_drops_oldest_frames_and_keeps_stream_order():
+    async def scenario():
+        outbox = Outbox(max_frames=4, max_events=2)
+        for i in range(10):
+            outbox.put_frame(_frame(i))
+        outbox.put_event('"done"', in_stream=True)
+        for i in range(3):
+            outbox.put_event(f'"reply {i}"')
+        assert (outbox.dropped, outbox.queued_frames, len(outbox.replies)) == (6, 4, 2)
+        return [await outbox.next_message() for _ in range(7)]
+
+    messages = asyncio.run(scenario())
+    assert messages[:2] == ['"reply 1"', '"reply 2"']  # replies first; the oldest reply was dropped
+    headers = [unpack_frame(m)[0] for m in messages[2:6]]
+    assert [h.index for h in headers] == [6, 7, 8, 9] and {h.dropped for h in headers} == {6}
+    assert messages[6] == '"done"'  # a stream event stays behind the frames queued before it
+
+
+def test_outbox_waits_for_a_frames_pacing_slot():
+    async def scenario():
+        outbox = Outbox()
+        outbox.put_frame(_frame(0, send_at=time.time() + 0.2))
+        start = time.monotonic()
+        await outbox.next_message()
+        return time.monotonic() - start
+
+    assert 0.15 < asyncio.run(scenario()) < 2.0
+
+
+def test_pacer_keeps_real_time_and_never_bursts_after_falling_behind():
+    pacer = Pacer(fps=10, realtime=True)
+    assert pacer.wants_block(0, 0.5, now=100.0)
+    pacer.on_block(0, now=100.0)
+    assert pacer.slot(5) == pytest.approx(100.5)
+    assert not pacer.wants_block(10, 0.5, now=100.2)  # frame 10 is due at 101.0: not yet
+    assert pacer.wants_block(10, 0.5, now=100.6)
+    pacer.on_block(10, now=103.0)  # two seconds late: the clock moves instead of bursting
+    assert pacer.slot(10) == pytest.approx(103.0) and pacer.slot(11) == pytest.approx(103.1)
+    fast = Pacer(fps=10, realtime=False)
+    fast.on_block(0, now=100.0)
+    assert fast.slot(50) == 0.0 and fast.wants_block(50, 0.5, now=100.0)
