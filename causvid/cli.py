@@ -89,15 +89,21 @@ def load_training_config(args: argparse.Namespace):
     return config
 
 
-def _train(args: argparse.Namespace) -> None:
-    from causvid.objectives import build_objective
-    from causvid.train import train
+def run_training(args: argparse.Namespace, objective: str, objectives: dict) -> None:
+    """Train the `objective` that --config describes; every training command ends here."""
+    from causvid.train import build_objective, train
 
     config = load_training_config(args)
-    if config.objective != args.objective:
-        raise ValueError(f"{args.config} is a {config.objective!r} config, not {args.objective!r}")
-    step = train(config, build_objective(config))
+    if config.objective != objective:
+        raise ValueError(f"{args.config} is a {config.objective!r} config, not {objective!r}")
+    step = train(config, build_objective(config, objectives))
     print(f"stopped at step {step}; exported to {Path(config.out_dir) / 'export'}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from causvid.objectives import OBJECTIVES
+
+    run_training(args, args.objective, OBJECTIVES)
 
 
 def _convert(args: argparse.Namespace) -> None:

@@ -205,12 +205,4 @@ class TeacherObjective(Objective):
         self.pipeline(ema["teacher"]).save_pretrained(out_dir)
 
 
-def build_objective(config) -> Objective:
-    """The objective a config names, with its `objective_args`."""
-    objectives = {"autoencoder": AutoencoderObjective, "teacher": TeacherObjective}
-    if config.objective not in objectives:
-        raise ValueError(f"unknown objective {config.objective!r} (expected one of {', '.join(objectives)})")
-    try:
-        return objectives[config.objective](config, **config.objective_args)
-    except TypeError as error:
-        raise ValueError(f"bad objective_args for {config.objective}: {error}") from None
+OBJECTIVES = {"autoencoder": AutoencoderObjective, "teacher": TeacherObjective}

@@ -99,6 +99,16 @@ class Objective:
         raise NotImplementedError
 
 
+def build_objective(config: TrainConfig, objectives: dict[str, type[Objective]]) -> Objective:
+    """The objective a config names, built with its `objective_args`."""
+    if config.objective not in objectives:
+        raise ValueError(f"unknown objective {config.objective!r} (expected one of {', '.join(objectives)})")
+    try:
+        return objectives[config.objective](config, **config.objective_args)
+    except TypeError as error:
+        raise ValueError(f"bad objective_args for {config.objective}: {error}") from None
+
+
 # -- data ----------------------------------------------------------------------------------
 
 

@@ -14,32 +14,15 @@ import json
 import sys
 from pathlib import Path
 
-from causvid.cli import add_checkpoint_args, add_training_args, load_training_config
-
-
-def build_objective(config):
-    """The distillation objective a config names, with its `objective_args`."""
-    from distill.dmd import DMDObjective
-    from distill.ode_init import OdeInitObjective
-
-    objectives = {"ode_init": OdeInitObjective, "dmd": DMDObjective}
-    if config.objective not in objectives:
-        raise ValueError(f"unknown objective {config.objective!r} (expected one of {', '.join(objectives)})")
-    try:
-        return objectives[config.objective](config, **config.objective_args)
-    except TypeError as error:
-        raise ValueError(f"bad objective_args for {config.objective}: {error}") from None
+from causvid.cli import add_checkpoint_args, add_training_args, run_training
 
 
 def _train(objective: str):
     def run(args: argparse.Namespace) -> None:
-        from causvid.train import train
+        from distill.dmd import DMDObjective
+        from distill.ode_init import OdeInitObjective
 
-        config = load_training_config(args)
-        if config.objective != objective:
-            raise ValueError(f"{args.config} is a {config.objective!r} config, not {objective!r}")
-        step = train(config, build_objective(config))
-        print(f"stopped at step {step}; exported to {Path(config.out_dir) / 'export'}")
+        run_training(args, objective, {"ode_init": OdeInitObjective, "dmd": DMDObjective})
 
     return run
 
