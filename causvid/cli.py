@@ -109,17 +109,27 @@ def _train(args: argparse.Namespace) -> None:
 def _convert(args: argparse.Namespace) -> None:
     import torch
 
+    from causvid.checkpoint import CheckpointError, load_diffusers_model, read_json
     from causvid.pipeline import load_pipeline
 
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    pipe = load_pipeline(args.source, "cpu", torch.float32)
-    pipe.save_pretrained(args.destination, dtypes[args.dtype])
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if (args.source / "model_index.json").exists():
+        load_pipeline(args.source, "cpu", torch.float32).save_pretrained(args.destination, dtype)
+    else:
+        # A single model directory (e.g. a trained autoencoder's export).
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+        classes = {cls.__name__: cls for cls in (AutoencoderKLWan, WanTransformer3DModel)}
+        name = read_json(args.source / "config.json").get("_class_name")
+        if name not in classes:
+            raise CheckpointError(f"{args.source / 'config.json'}: cannot convert a {name!r}")
+        load_diffusers_model(classes[name], args.source).to(dtype).save_pretrained(args.destination)
     print(f"wrote {args.destination} ({args.dtype})")
 
 
 def register(subparsers) -> None:
     """The core's own commands."""
-    convert = subparsers.add_parser("convert", help="re-save a pipeline directory in another dtype (for shipping)")
+    convert = subparsers.add_parser("convert", help="re-save a pipeline (or single model) directory in another dtype, for shipping")
     convert.add_argument("source", type=Path)
     convert.add_argument("destination", type=Path)
     convert.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")

@@ -112,3 +112,14 @@ def test_convert_to_bf16_and_load_back(tiny_checkpoint, tmp_path):
         assert reader.get_tensor(next(iter(reader.keys()))).dtype == torch.bfloat16
     assert next(stored.autoencoder.parameters()).dtype == torch.float32  # decoded in fp32 regardless
     assert stored.generate("a red circle", num_frames=5).shape == (5, 32, 32, 3)
+
+
+def test_convert_a_single_model_directory(tiny_checkpoint, tmp_path):
+    from causvid.cli import main
+    from causvid.models.autoencoder import VideoAutoencoder
+
+    assert main(["convert", str(tiny_checkpoint / "vae"), str(tmp_path / "vae"), "--dtype", "bf16"]) == 0
+    assert VideoAutoencoder.from_pretrained(tmp_path / "vae").latent_channels == 4
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    assert main(["convert", str(tmp_path / "other"), str(tmp_path / "x")]) == 2
