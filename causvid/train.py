@@ -136,17 +136,24 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 
 
 class EMA:
-    """Exponential moving average of a module's floating-point parameters."""
+    """Exponential moving average of a module's floating-point parameters.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so a short run's
+    average is not dominated by the random initialisation.
+    """
 
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
         for name, value in module.state_dict().items():
             if name in self.shadow:
-                self.shadow[name].lerp_(value.float(), 1 - self.decay)
+                self.shadow[name].lerp_(value.float(), 1 - decay)
 
     def copy_to(self, module: torch.nn.Module) -> torch.nn.Module:
         module.load_state_dict({**module.state_dict(), **self.shadow})
@@ -177,13 +184,14 @@ def save_checkpoint(out_dir: Path, step: int, modules, optimizers, emas, keep: i
     tmp = out_dir / f".checkpoint-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    meta: dict[str, Any] = {"step": step, "world_size": world_size, "param_groups": {}}
+    meta: dict[str, Any] = {"step": step, "world_size": world_size, "param_groups": {}, "ema_updates": {}}
     for name, module in modules.items():
         atomic_save_tensors(tmp / f"{name}.safetensors", module.state_dict())
         atomic_save_tensors(tmp / f"{name}_ema.safetensors", emas[name].shadow)
         tensors, groups = _optimizer_tensors("opt", optimizers[name])
         atomic_save_tensors(tmp / f"{name}_optimizer.safetensors", tensors)
         meta["param_groups"][name] = groups
+        meta["ema_updates"][name] = emas[name].updates
     atomic_write_json(tmp / "state.json", meta)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -200,14 +208,17 @@ def load_checkpoint(out_dir: Path, modules, optimizers, emas) -> int:
         return 0
     path = out_dir / read_json(pointer)["checkpoint"]
     meta = read_json(path / "state.json")
+    step = int(meta["step"])
     for name, module in modules.items():
         try:
             module.load_state_dict(load_tensors(path / f"{name}.safetensors"))
         except RuntimeError as error:
             raise CheckpointError(f"{path / (name + '.safetensors')}: does not match the model ({str(error).splitlines()[0]})") from None
         emas[name].shadow = load_tensors(path / f"{name}_ema.safetensors")
+        # Checkpoints from before the EMA warm-up existed: one update per step.
+        emas[name].updates = int(meta.get("ema_updates", {}).get(name, step))
         _load_optimizer(optimizers[name], "opt", load_tensors(path / f"{name}_optimizer.safetensors"), meta["param_groups"][name])
-    return int(meta["step"])
+    return step
 
 
 class MetricsLog:

@@ -123,3 +123,17 @@ def test_config_errors_are_clear(tmp_path):
     bad.write_text(yaml.safe_dump({"objective": "autoencoder", "learning_rate": 1}))
     assert main(["train", "autoencoder", "--config", str(bad)]) == 2
     assert main(["train", "autoencoder", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_ema_warms_up_then_uses_its_decay():
+    from causvid.train import EMA
+
+    module = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(module.weight, 0.0)
+    ema = EMA(module, decay=0.999)
+    torch.nn.init.constant_(module.weight, 1.0)
+    ema.update(module)  # first update: decay min(0.999, 1/10)
+    assert ema.shadow["weight"].item() == pytest.approx(0.9)
+    ema.updates = 10_000
+    ema.update(module)
+    assert ema.shadow["weight"].item() == pytest.approx(0.9 + 0.1 * 0.001)
