@@ -57,12 +57,23 @@ def object_weights(video: torch.Tensor, weight: float) -> torch.Tensor:
 
 
 class AutoencoderObjective(Objective):
-    """Reconstruction (object-weighted L1 + MSE) plus a small KL term, on the posterior mode."""
+    """Reconstruction (object-weighted L1 + MSE) plus a small KL term, on the posterior mode.
+
+    `init_from` continues from a trained autoencoder directory (e.g. in a later session);
+    `freeze_encoder` then trains the decoder alone, which keeps the latent space, and so every
+    model trained on it, valid.
+    """
 
     def __init__(self, config, preset_name: str = "shapes", kl_weight: float = 1e-6, object_weight: float = 10.0,
-                 stats_clips: int = 64):
+                 stats_clips: int = 64, init_from: str | None = None, freeze_encoder: bool = False):
         self.config = config
-        self.autoencoder = build_autoencoder(preset_name, config.seed).train()
+        if init_from is not None:
+            self.autoencoder = VideoAutoencoder.from_pretrained(init_from).train()
+        else:
+            self.autoencoder = build_autoencoder(preset_name, config.seed).train()
+        if freeze_encoder:
+            self.autoencoder.vae.encoder.requires_grad_(False)
+            self.autoencoder.vae.quant_conv.requires_grad_(False)
         self.kl_weight = kl_weight
         self.object_weight = object_weight
         self.stats_clips = stats_clips
@@ -146,17 +157,25 @@ class LatentBank(torch.utils.data.Dataset):
 
 
 class TeacherObjective(Objective):
-    """Flow matching of the bidirectional teacher on latents, with caption dropout for CFG."""
+    """Flow matching of the bidirectional teacher on latents, with caption dropout for CFG.
+
+    `init_from` names a pipeline directory whose teacher/ starts the run (a warm start).
+    """
 
     def __init__(self, config, autoencoder: str, preset_name: str = "shapes", caption_dropout: float = 0.1,
-                 bank_size: int = 4096, sample_steps: int = 50, sample_prompts: list[str] | None = None):
+                 bank_size: int = 4096, sample_steps: int = 50, sample_prompts: list[str] | None = None,
+                 init_from: str | None = None):
         self.config = config
         self.preset_name = preset_name
         self.pipeline_config = PipelineConfig(**preset(preset_name)["pipeline"])
         self.autoencoder = VideoAutoencoder.from_pretrained(autoencoder).eval().requires_grad_(False)
         self.text_encoder = load_text_encoder(self.pipeline_config.text_encoder)
         self.text_encoder.cache_size = 4096
-        self.denoiser = WanDenoiser(build_transformer(preset_name, config.seed), self.pipeline_config.block_frames).train()
+        block_frames = self.pipeline_config.block_frames
+        if init_from is not None:  # continue from a trained pipeline's teacher (e.g. the shipped one)
+            self.denoiser = WanDenoiser.from_pretrained(Path(init_from) / "teacher", block_frames).float().train()
+        else:
+            self.denoiser = WanDenoiser(build_transformer(preset_name, config.seed), block_frames).train()
         self.caption_dropout = caption_dropout
         self.bank_size = bank_size
         self.sample_steps = sample_steps

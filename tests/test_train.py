@@ -137,3 +137,16 @@ def test_ema_warms_up_then_uses_its_decay():
     ema.updates = 10_000
     ema.update(module)
     assert ema.shadow["weight"].item() == pytest.approx(0.9 + 0.1 * 0.001)
+
+
+def test_decoder_only_fine_tuning_keeps_the_encoder(tmp_path):
+    first = _config(tmp_path, "first", max_steps=1)
+    assert main(["train", "autoencoder", "--config", str(first)]) == 0
+    export = tmp_path / "first" / "export"
+    args = TINY_AE["objective_args"] | {"init_from": str(export), "freeze_encoder": True}
+    second = _config(tmp_path, "second", max_steps=2, objective_args=args)
+    assert main(["train", "autoencoder", "--config", str(second)]) == 0
+    start = {"vae." + k: v for k, v in load_tensors(next(export.glob("*.safetensors"))).items()}
+    after = _weights(tmp_path / "second")
+    assert all(torch.equal(start[k], after[k]) for k in start if k.startswith("vae.encoder."))
+    assert any(not torch.equal(start[k], after[k]) for k in start if k.startswith("vae.decoder."))
