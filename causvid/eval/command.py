@@ -10,10 +10,33 @@ from causvid.checkpoint import atomic_write_json
 from causvid.eval.shapes_bench import contact_sheet, default_prompt_set, format_table, run_bench
 
 
+def autoencoder_round_trip(autoencoder, psnrs: list[float]):
+    """uint8 video -> its reconstruction through `autoencoder`; appends each video's PSNR (dB)."""
+    import torch
+
+    from causvid.objectives import psnr
+    from causvid.pipeline import to_uint8
+
+    @torch.no_grad()
+    def reconstruct(frames):
+        device = next(autoencoder.parameters()).device
+        video = (torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1).to(device)
+        reconstruction = autoencoder.decode(autoencoder.encode(video))
+        psnrs.append(psnr(reconstruction, video))
+        return to_uint8(reconstruction)
+
+    return reconstruct
+
+
 def _eval(args: argparse.Namespace) -> None:
     cases = default_prompt_set(num_seen=args.num_seen)
-    generate, height, width = None, 64, 64
-    if not args.ground_truth:
+    generate, transform, height, width = None, None, 64, 64
+    psnrs: list[float] = []
+    if args.autoencoder is not None:
+        from causvid.models.autoencoder import VideoAutoencoder
+
+        transform = autoencoder_round_trip(VideoAutoencoder.from_pretrained(args.autoencoder).eval(), psnrs)
+    elif not args.ground_truth:
         from causvid.pipeline import load_pipeline
 
         pipe = load_pipeline(args.checkpoint, args.device)
@@ -30,12 +53,19 @@ def _eval(args: argparse.Namespace) -> None:
             sheet_videos.append(frames)
             sheet_labels.append(f"[{case.split}] {case.prompt}")
 
-    report = run_bench(generate, cases, args.frames, args.seeds, height, width, on_video=keep_for_sheet)
-    report["model"] = {
-        "checkpoint": "ground truth" if args.ground_truth else str(args.checkpoint or "shipped"),
-        "sampler": "ground truth" if args.ground_truth else ("teacher" if args.teacher else "student"),
-        "steps": args.steps,
-    }
+    report = run_bench(generate, cases, args.frames, args.seeds, height, width, on_video=keep_for_sheet,
+                       transform=transform)
+    if args.autoencoder is not None:
+        report["source"] = "autoencoder round trip"
+        report["model"] = {"autoencoder": str(args.autoencoder), "sampler": "ground truth through the autoencoder"}
+        report["autoencoder_psnr_db"] = sum(psnrs) / len(psnrs)
+        print(f"autoencoder reconstruction PSNR: {report['autoencoder_psnr_db']:.2f} dB over {len(psnrs)} clips")
+    else:
+        report["model"] = {
+            "checkpoint": "ground truth" if args.ground_truth else str(args.checkpoint or "shipped"),
+            "sampler": "ground truth" if args.ground_truth else ("teacher" if args.teacher else "student"),
+            "steps": args.steps,
+        }
     print(format_table(report))
     if args.output:
         atomic_write_json(args.output, report)
@@ -54,6 +84,8 @@ def register(subparsers) -> None:
     add_checkpoint_args(parser)
     parser.add_argument("--teacher", action="store_true", help="evaluate the 50-step CFG teacher")
     parser.add_argument("--ground-truth", action="store_true", help="evaluate rendered shapes-world clips (the ceiling)")
+    parser.add_argument("--autoencoder", type=Path, default=None,
+                        help="evaluate this autoencoder directory: ground truth through encode+decode, plus PSNR")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--frames", type=int, default=21)
