@@ -59,14 +59,24 @@ def object_weights(video: torch.Tensor, weight: float) -> torch.Tensor:
 class AutoencoderObjective(Objective):
     """Reconstruction (object-weighted L1 + MSE) plus a small KL term, on the posterior mode.
 
+    Each step reconstructs `target_frames` frames after a context, drawn from `context_frames`,
+    that only warms up the causal caches (see `VideoAutoencoder.forward`): context 0 trains the
+    start of a stream, longer contexts the steady state of a long one.
+
     `init_from` continues from a trained autoencoder directory (e.g. in a later session);
     `freeze_encoder` then trains the decoder alone, which keeps the latent space, and so every
     model trained on it, valid.
     """
 
     def __init__(self, config, preset_name: str = "shapes", kl_weight: float = 1e-6, object_weight: float = 10.0,
-                 stats_clips: int = 64, init_from: str | None = None, freeze_encoder: bool = False):
+                 stats_clips: int = 64, init_from: str | None = None, freeze_encoder: bool = False,
+                 context_frames: tuple[int, ...] = (0,), target_frames: int = 16):
         self.config = config
+        self.context_frames = tuple(context_frames)
+        self.target_frames = target_frames
+        longest = self._clip_frames(max(self.context_frames))
+        if config.data.get("num_frames", 33) < longest:
+            raise ValueError(f"data num_frames must be >= {longest} for context {max(self.context_frames)}")
         if init_from is not None:
             self.autoencoder = VideoAutoencoder.from_pretrained(init_from).train()
         else:
@@ -84,14 +94,21 @@ class AutoencoderObjective(Objective):
     def dataset(self):
         return build_dataset(self.config.data)
 
+    def _clip_frames(self, context: int) -> int:
+        # A stream's first chunk is one frame; after a context every chunk is four.
+        return context + self.target_frames + (0 if context else 1)
+
     def losses(self, models, batch, step, generator):
-        video = batch["video"]
-        reconstruction, posterior = models["autoencoder"](video)
+        context = self.context_frames[int(torch.randint(len(self.context_frames), (1,), generator=generator))]
+        video = batch["video"][:, :, : self._clip_frames(context)]
+        reconstruction, posterior = models["autoencoder"](video, context)
+        video = video[:, :, context:]
         weights = object_weights(video, self.object_weight)
         error = reconstruction.float() - video
         recon = ((error.abs() + error.square()) * weights).mean() / weights.mean()
         kl = posterior.kl().mean() / video[0].numel()
-        return {"autoencoder": (recon + self.kl_weight * kl, {"psnr": psnr(reconstruction, video), "kl": kl.item()})}
+        logs = {"psnr": psnr(reconstruction, video), "kl": kl.item(), "context_frames": context}
+        return {"autoencoder": (recon + self.kl_weight * kl, logs)}
 
     def _fixed_clips(self, count: int) -> torch.Tensor:
         data = ShapesWorld(**{k: v for k, v in self.config.data.items() if k != "type"} | {"seed": 10_000})

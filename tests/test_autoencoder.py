@@ -67,3 +67,19 @@ def test_normalisation_round_trip_uses_config_statistics():
     torch.testing.assert_close(ae.normalize(torch.ones(1, 4, 1, 1, 1)).flatten(), torch.tensor([0.0, -0.5, -1.0, -1.5]))
     with pytest.raises(ValueError, match="latents_mean"):
         VideoAutoencoder(AutoencoderKLWan(**(config | {"latents_mean": [0.0] * 3})))
+
+
+def test_training_forward_with_context_is_the_tail_of_a_stream(autoencoder):
+    video = (torch.rand(1, 3, 13, 32, 32) * 2 - 1).requires_grad_(True)
+    reconstruction, posterior = autoencoder(video, context_frames=5)
+    assert reconstruction.shape[2] == 8 and posterior.mode().shape[2] == 2
+    with torch.no_grad():
+        whole = autoencoder.decode(autoencoder.encode(video))
+    torch.testing.assert_close(reconstruction, whole[:, :, 5:], atol=1e-5, rtol=0)
+    reconstruction.sum().backward()
+    # Truncated backpropagation: the context warms the caches but gets no gradient.
+    assert video.grad[:, :, :5].abs().sum() == 0 and video.grad[:, :, 5:].abs().sum() > 0
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        autoencoder(video, context_frames=4)
+    with pytest.raises(ValueError, match="whole chunks"):
+        autoencoder(video[:, :, :11], context_frames=5)

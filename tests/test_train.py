@@ -21,8 +21,8 @@ from causvid.cli import main
 TINY_AE = {
     "objective": "autoencoder", "max_steps": 6, "batch_size": 2, "lr": {"autoencoder": 2e-4},
     "warmup_steps": 2, "log_every": 1, "sample_every": 100, "checkpoint_every": 1,
-    "data": {"type": "shapes", "num_frames": 5, "height": 32, "width": 32, "seed": 0},
-    "objective_args": {"preset_name": "tiny", "stats_clips": 2},
+    "data": {"type": "shapes", "num_frames": 9, "height": 32, "width": 32, "seed": 0},
+    "objective_args": {"preset_name": "tiny", "stats_clips": 2, "context_frames": [0, 5], "target_frames": 4},
 }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from causvid.checkpoint import load_diffusers_model
 
@@ -87,15 +88,26 @@ class VideoAutoencoder(torch.nn.Module):
         z = posterior.sample(generator) if sample else posterior.mode()
         return self.normalize(z.float())
 
-    def posterior(self, video: torch.Tensor):
-        """The diagonal-Gaussian posterior, for training with a KL term."""
-        num_latent_frames(video.shape[2])
-        return self.vae.encode(video.to(self.vae.dtype)).latent_dist
+    def forward(self, video: torch.Tensor, context_frames: int = 0):
+        """Training pass: (reconstruction in [-1, 1], posterior) of `video[:, :, context_frames:]`.
 
-    def forward(self, video: torch.Tensor):
-        """Training pass: (reconstruction in [-1, 1], posterior), decoding the posterior mode."""
-        posterior = self.posterior(video)
-        return self.vae.decode(posterior.mode()).sample, posterior
+        The first `context_frames` frames (0 or 1 + 4k) only warm up the causal caches, without
+        gradient, as in truncated backpropagation through time. The caches' receptive field spans
+        tens of frames, longer than any clip that is affordable to backpropagate through, so
+        without a warm-up the model never trains in the state that a long stream reaches.
+        """
+        if context_frames and (context_frames - 1) % TEMPORAL_FACTOR:
+            raise ValueError(f"context_frames must be 0 or 1 + 4k, got {context_frames}")
+        encoder, decoder = self.new_encoder_stream(), self.new_decoder_stream()
+        if context_frames:
+            with torch.no_grad():
+                warm = self._encode_moments(encoder, video[:, :, :context_frames])
+                self._decode_raw(decoder, warm[:, : self.latent_channels])
+        moments = self._encode_moments(encoder, video[:, :, context_frames:])
+        if moments is None or encoder.pending:
+            raise ValueError(f"{video.shape[2] - context_frames} frames after the context do not fill whole chunks")
+        posterior = DiagonalGaussianDistribution(moments)
+        return self._decode_raw(decoder, posterior.mode()), posterior
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] from normalised latents."""
@@ -114,14 +126,7 @@ class VideoAutoencoder(torch.nn.Module):
 
         The first latent frame of a stream gives one pixel frame, every later one four.
         """
-        x = self.vae.post_quant_conv(self.denormalize(latents).to(self.vae.dtype))
-        frames = []
-        for i in range(x.shape[2]):
-            frames.append(
-                self.vae.decoder(x[:, :, i : i + 1], feat_cache=stream.feats, feat_idx=[0], first_chunk=not stream.started)
-            )
-            stream.started = True
-        return torch.cat(frames, dim=2).clamp(-1, 1).float()
+        return self._decode_raw(stream, self.denormalize(latents).to(self.vae.dtype)).float()
 
     def encode_stream(self, stream: _ConvCache, frames: torch.Tensor) -> torch.Tensor | None:
         """Feed pixel frames [B, 3, n, H, W] of a stream; returns the latent frames now complete.
@@ -129,16 +134,30 @@ class VideoAutoencoder(torch.nn.Module):
         Frames are buffered until a chunk is full (1 frame first, then 4), so any number can be
         fed at a time. Returns None when no latent frame completed.
         """
-        stream.pending.extend(frames.unbind(2))
+        moments = self._encode_moments(stream, frames)
+        return None if moments is None else self.normalize(moments[:, : self.latent_channels].float())
+
+    def _decode_raw(self, stream: _ConvCache, z: torch.Tensor) -> torch.Tensor:
+        # Un-normalised latents -> pixels, one latent frame at a time through the stream's cache.
+        x = self.vae.post_quant_conv(z)
+        frames = []
+        for i in range(x.shape[2]):
+            frames.append(
+                self.vae.decoder(x[:, :, i : i + 1], feat_cache=stream.feats, feat_idx=[0], first_chunk=not stream.started)
+            )
+            stream.started = True
+        return torch.cat(frames, dim=2).clamp(-1, 1)
+
+    def _encode_moments(self, stream: _ConvCache, frames: torch.Tensor) -> torch.Tensor | None:
+        # Pixels -> posterior moments [B, 2z, n, h, w] of every chunk the new frames complete.
+        stream.pending.extend(frames.to(self.vae.dtype).unbind(2))
         out = []
         while True:
             need = TEMPORAL_FACTOR if stream.started else 1
             if len(stream.pending) < need:
                 break
-            chunk = torch.stack(stream.pending[:need], dim=2).to(self.vae.dtype)
+            chunk = torch.stack(stream.pending[:need], dim=2)
             del stream.pending[:need]
-            h = self.vae.quant_conv(self.vae.encoder(chunk, feat_cache=stream.feats, feat_idx=[0]))
-            mode = h[:, : self.latent_channels]
-            out.append(self.normalize(mode.float()))
+            out.append(self.vae.quant_conv(self.vae.encoder(chunk, feat_cache=stream.feats, feat_idx=[0])))
             stream.started = True
         return torch.cat(out, dim=2) if out else None
