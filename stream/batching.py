@@ -47,7 +47,6 @@ def unstack_cache(merged: KVCache, caches: list[KVCache]) -> None:
             key, value = merged.cross[layer]
             cache.cross[layer] = (key[row], value[row])
         cache.cross_text = merged.cross_text[row]
-        cache.frames_seen += merged.frames_seen
 
 
 def _batch_key(plan: BlockPlan) -> tuple:

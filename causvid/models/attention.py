@@ -72,7 +72,6 @@ class KVCache:
     values: list[torch.Tensor | None] = field(default_factory=list)
     cross: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     cross_text: torch.Tensor | None = None
-    frames_seen: int = 0
 
     def __post_init__(self) -> None:
         if self.window_frames is not None and self.window_frames < 0:

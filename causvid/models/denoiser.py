@@ -160,8 +160,6 @@ class WanDenoiser(torch.nn.Module):
         finally:
             ctx.clear()
             rope.frame_positions = None
-        if cache is not None and write_cache:
-            cache.frames_seen += frames
         return velocity.to(x.dtype)
 
     def _causal_mask(self, frames, height, width, device, window) -> torch.Tensor:
