@@ -139,7 +139,7 @@ class WanDenoiser(torch.nn.Module):
             cache: denoise `x` as the block after the cached frames.
             write_cache: also store this block's K/V in `cache` (the clean pass at sigma=0).
         """
-        batch, _, frames, height, width = x.shape
+        _, _, frames, height, width = x.shape
         timestep = timestep_from_sigma(sigma.to(x.device, torch.float32))
         if timestep.ndim == 2:
             # Per-frame noise levels become per-token ones: the transformer supports [B, N] timesteps.
