@@ -198,21 +198,29 @@ class CausVidPipeline:
         steps: int | None = None,
         use_kv_cache: bool = True,
     ) -> Iterator[np.ndarray]:
-        """Yield uint8 frames [H, W, 3] as soon as each block is decoded; unbounded if num_frames is None.
+        """Yield uint8 frames [H, W, 3] as soon as each exists; unbounded if num_frames is None.
 
-        The KV cache rolls (`sink_frames` + `window_frames`), so memory and time per block stay flat.
+        Each latent frame is decoded and shown before the rest of its block, and the block is
+        committed to the KV cache only after it has been shown. The cache rolls (`sink_frames` +
+        `window_frames`), so memory and time per block stay flat.
         """
         text = self.encode_prompt(prompt)
         rollout = self.new_rollout(seed, steps, use_kv_cache)
         decoder = self.autoencoder.new_decoder_stream()
         emitted = 0
-        while num_frames is None or emitted < num_frames:
-            latents = rollout.next_block(text)
-            for frame in to_uint8(self.autoencoder.decode_stream(decoder, latents)):
-                if num_frames is not None and emitted >= num_frames:
-                    return
-                emitted += 1
-                yield frame
+        def wanted() -> bool:
+            return num_frames is None or emitted < num_frames
+
+        while wanted():
+            latents = rollout.denoise_block(text)
+            for latent in latents.split(1, dim=2):
+                for frame in to_uint8(self.autoencoder.decode_stream(decoder, latent)):
+                    if not wanted():
+                        return
+                    emitted += 1
+                    yield frame
+            if wanted():
+                rollout.commit(latents, text)
 
     def generate(
         self,

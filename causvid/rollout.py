@@ -68,15 +68,21 @@ class CausalRollout:
 
         return recompute
 
-    def next_block(self, text: torch.Tensor, noise: torch.Tensor | None = None, sigmas: torch.Tensor | None = None) -> torch.Tensor:
-        """Denoise one block with the few-step sampler and commit it. Returns clean latents [B, C, k, H, W].
+    def denoise_block(self, text: torch.Tensor, noise: torch.Tensor | None = None,
+                      sigmas: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoise one block with the few-step sampler, without committing it. Returns [B, C, k, H, W].
 
-        `noise` may be a partly noised input (video-to-video) whose level is `sigmas[0]`.
+        `noise` may be a partly noised input (video-to-video) whose level is `sigmas[0]`. Streams
+        decode and show the block before `commit`, so the first frame does not wait for that pass.
         """
         if noise is None:
             noise = self.noise(self.denoiser.block_frames)
         sigmas = self.sigmas if sigmas is None else sigmas
-        clean = sample_few_step(self.velocity_fn(text), noise, sigmas, lambda: self.noise(noise.shape[2]))
+        return sample_few_step(self.velocity_fn(text), noise, sigmas, lambda: self.noise(noise.shape[2]))
+
+    def next_block(self, text: torch.Tensor, noise: torch.Tensor | None = None, sigmas: torch.Tensor | None = None) -> torch.Tensor:
+        """`denoise_block`, then `commit`: the next block, already context for the one after."""
+        clean = self.denoise_block(text, noise, sigmas)
         self.commit(clean, text)
         return clean
 

@@ -4,6 +4,8 @@ Streams whose KV caches hold the same number of frames and who sample the same n
 can share one forward pass per step: their caches are stacked along the batch dimension,
 denoised together, and split back. Each stream keeps drawing its re-noising from its own
 generator, so a batched block equals the block the stream would get alone (test_stream_session).
+Denoising and committing are separate calls, so the engine can decode and send a block before
+the pass that writes it into the caches.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def unstack_cache(merged: KVCache, caches: list[KVCache]) -> None:
     for i, cache in enumerate(caches):
         row = slice(i, i + 1)
         for layer in range(merged.num_layers):
-            cache.keys[layer] = merged.keys[layer][row]
-            cache.values[layer] = merged.values[layer][row]
+            if merged.keys[layer] is not None:  # None until a first block is committed
+                cache.keys[layer] = merged.keys[layer][row]
+                cache.values[layer] = merged.values[layer][row]
             key, value = merged.cross[layer]
             cache.cross[layer] = (key[row], value[row])
         cache.cross_text = merged.cross_text[row]
@@ -53,26 +56,27 @@ def _batch_key(plan: BlockPlan) -> tuple:
     return (plan.generator.rollout.cache.cached_frames, tuple(plan.sigmas.tolist()), tuple(plan.noise.shape))
 
 
-def _denoise_together(plans: list[BlockPlan]) -> list[torch.Tensor]:
-    """`CausalRollout.next_block` for several streams at once; returns each stream's clean block."""
-    rollouts = [plan.generator.rollout for plan in plans]
-    first, sigmas = rollouts[0], plans[0].sigmas
-    frames = plans[0].noise.shape[2]
+def _stacked(plans: list[BlockPlan]) -> CausalRollout:
+    """One rollout whose batch rows are the plans' streams (their caches stacked)."""
+    first = plans[0].generator.rollout
     batch = CausalRollout(
-        first.denoiser, sigmas, (first.channels, first.height, first.width), batch=len(plans),
+        first.denoiser, plans[0].sigmas, (first.channels, first.height, first.width), batch=len(plans),
         sink_frames=first.cache.sink_frames, window_frames=first.cache.window_frames, device=first.device,
     )
-    batch.cache = stack_caches([r.cache for r in rollouts])
-    text = torch.cat([plan.text for plan in plans])
+    batch.cache = stack_caches([plan.generator.rollout.cache for plan in plans])
+    return batch
+
+
+def _denoise_together(plans: list[BlockPlan]) -> list[torch.Tensor]:
+    """`CausalRollout.denoise_block` for several streams at once; returns each stream's clean block."""
+    rollouts = [plan.generator.rollout for plan in plans]
+    batch, frames = _stacked(plans), plans[0].noise.shape[2]
     # Each stream re-noises from its own generator, so its block equals the one it gets alone.
     x0 = sample_few_step(
-        batch.velocity_fn(text), torch.cat([plan.noise for plan in plans]), sigmas,
-        lambda: torch.cat([r.noise(frames) for r in rollouts]),
+        batch.velocity_fn(torch.cat([plan.text for plan in plans])), torch.cat([plan.noise for plan in plans]),
+        plans[0].sigmas, lambda: torch.cat([r.noise(frames) for r in rollouts]),
     )
-    batch.commit(x0, text)
-    unstack_cache(batch.cache, [r.cache for r in rollouts])
-    for rollout in rollouts:
-        rollout.frames_done += frames
+    unstack_cache(batch.cache, [r.cache for r in rollouts])  # keeps the prompts' cross-attention K/V
     return list(x0.split(1))
 
 
@@ -87,13 +91,28 @@ def group_plans(plans: list[BlockPlan], batching: bool = True) -> list[list[int]
 
 
 def denoise(plans: list[BlockPlan], groups: list[list[int]]) -> list[torch.Tensor]:
-    """Denoise and commit every plan's block, group by group; clean latents in the order of `plans`."""
+    """Denoise every plan's block, group by group, without committing; clean latents in plan order."""
     clean: list[torch.Tensor | None] = [None] * len(plans)
     for members in groups:
         if len(members) == 1:
             plan = plans[members[0]]
-            clean[members[0]] = plan.generator.rollout.next_block(plan.text, plan.noise, plan.sigmas)
+            clean[members[0]] = plan.generator.rollout.denoise_block(plan.text, plan.noise, plan.sigmas)
             continue
         for i, block in zip(members, _denoise_together([plans[i] for i in members])):
             clean[i] = block
     return clean
+
+
+def commit(plans: list[BlockPlan], groups: list[list[int]], clean: list[torch.Tensor]) -> None:
+    """Write each plan's clean block into its stream's KV cache, one cache-writing pass per group."""
+    for members in groups:
+        group = [plans[i] for i in members]
+        if len(group) == 1:
+            group[0].generator.rollout.commit(clean[members[0]], group[0].text)
+            continue
+        batch = _stacked(group)
+        batch.commit(torch.cat([clean[i] for i in members]), torch.cat([plan.text for plan in group]))
+        rollouts = [plan.generator.rollout for plan in group]
+        unstack_cache(batch.cache, [r.cache for r in rollouts])
+        for rollout in rollouts:
+            rollout.frames_done += clean[members[0]].shape[2]

@@ -1,9 +1,10 @@
 """The engine: one model thread shared by every session, and the loop that feeds it.
 
 The loop runs on the event loop. Each round it takes the sessions that want a block (their
-pacer says so, or v2v input arrived), hands their pending controls to the model thread in
-one call, and delivers the finished blocks to the sessions' outboxes. Inside that call, the
-blocks of streams with matching shapes are denoised as one batch.
+pacer says so, or v2v input arrived) and hands their pending controls to the model thread in
+one call. Inside that call, the blocks of streams with matching shapes are denoised as one
+batch; each block's frames reach its session's outbox as each latent frame is decoded, before
+the pass that commits the block to the KV cache.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Callable, TypeVar
 import torch
 
 from causvid.pipeline import CausVidPipeline
-from stream.batching import denoise, group_plans
+from stream.batching import commit, denoise, group_plans
 from stream.generator import BlockGenerator, BlockOutput
 from stream.protocol import StartRequest
 from stream.session import Controls, Session
@@ -83,21 +84,31 @@ class Engine:
             for session in due:
                 session.busy = True
                 work.append((session, session.take_controls()))
+            emit = self._emitter([session for session, _ in work])
             try:
-                results = await self.call(self._step, [(s.generator, s.request, c) for s, c in work])
+                results = await self.call(self._step, [(s.generator, s.request, c) for s, c in work], emit)
             finally:
                 for session, _ in work:
                     session.busy = False
             for (session, _), (generator, result) in zip(work, results):
                 session.generator = generator
-                if session.closed:
-                    continue
                 if isinstance(result, Exception):
-                    session.fail("generation_failed", f"{type(result).__name__}: {result}")
+                    if not session.closed:
+                        session.fail("generation_failed", f"{type(result).__name__}: {result}")
                 else:
-                    session.deliver(result)
+                    self._deliver(session, result)
                 if session.done:
                     self.sessions.pop(session.id, None)
+
+    def _emitter(self, sessions: list[Session]) -> Callable[[int, BlockOutput], None]:
+        """For the model thread: hand session i a part now; parts arrive in the order emitted."""
+        loop = asyncio.get_running_loop()
+        return lambda i, part: loop.call_soon_threadsafe(self._deliver, sessions[i], part)
+
+    @staticmethod
+    def _deliver(session: Session, part: BlockOutput) -> None:
+        if not session.closed:
+            session.deliver(part)
 
     async def _sleep(self, now: float) -> None:
         """Until a session's control changes (wake) or a realtime session's next block is due."""
@@ -111,8 +122,13 @@ class Engine:
 
     # -- on the model thread -----------------------------------------------------------------
 
-    def _step(self, work: list[tuple[BlockGenerator | None, StartRequest, Controls]]) -> list[StepResult]:
-        """Apply controls, then plan, denoise (batched) and decode one block per session."""
+    def _step(self, work: list[tuple[BlockGenerator | None, StartRequest, Controls]],
+              emit: Callable[[int, BlockOutput], None]) -> list[StepResult]:
+        """Apply controls, then plan, denoise (batched), decode and commit one block per session.
+
+        Decoded frames go to `emit(work index, part)` as they exist, before the commit pass;
+        the result per session is its block's end, an idle step's events, or an error.
+        """
         generators: list[BlockGenerator | None] = []
         results: list[BlockOutput | Exception | None] = [None] * len(work)
         plans, owners = [], []
@@ -137,6 +153,14 @@ class Engine:
             groups = group_plans(plans, self.batching)
             try:
                 clean = denoise(plans, groups)
+                for i, plan, block in zip(owners, plans, clean):
+                    try:
+                        for part in plan.generator.decode(block):
+                            emit(i, part)
+                    except Exception as error:
+                        log.exception("decoding failed")
+                        results[i] = error
+                commit(plans, groups, clean)
             except Exception as error:
                 log.exception("denoising failed")
                 for i in owners:
@@ -144,12 +168,9 @@ class Engine:
                 return list(zip(generators, results))
             self.blocks += len(plans)
             self.batches += len(groups)
-            for i, plan, block in zip(owners, plans, clean):
-                try:
-                    results[i] = plan.generator.finish(block)
-                except Exception as error:
-                    log.exception("decoding failed")
-                    results[i] = error
+            for i, plan in zip(owners, plans):
+                if results[i] is None:
+                    results[i] = plan.generator.block_end()
         return list(zip(generators, results))
 
     @staticmethod

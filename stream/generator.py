@@ -2,8 +2,9 @@
 
 A `BlockGenerator` is touched only by the engine's model thread. Each block is two calls, so
 that the engine can batch the denoising of several streams in between:
-`plan()` says what to denoise (text, starting latents, noise levels), the engine denoises and
-commits it (see `stream.batching`), and `finish(clean)` decodes the block to JPEG frames.
+`plan()` says what to denoise (text, starting latents, noise levels), the engine denoises it
+(see `stream.batching`), `decode(clean)` yields its JPEG frames latent frame by latent frame,
+the engine commits it to the KV cache, and `block_end()` reports the finished block.
 
 Modes:
 - t2v: pure noise every block; the rolling cache makes the stream unbounded.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,7 +44,7 @@ class BlockPlan:
 
 @dataclass
 class BlockOutput:
-    """One decoded block, ready to send."""
+    """Part of a block, ready to send: decoded frames, events, or the block's end."""
 
     block: int
     first_index: int
@@ -53,6 +55,7 @@ class BlockOutput:
     events: list[tuple[str, dict]] = field(default_factory=list)  # (event type, fields)
     done: bool = False
     more: bool = False  # v2v: another block is ready without new input
+    block_end: bool = False  # the block is complete and committed (status goes out)
 
 
 def v2v_sigmas(student: torch.Tensor, strength: float) -> torch.Tensor:
@@ -162,30 +165,42 @@ class BlockGenerator:
         clean = torch.cat(block, dim=2)
         return BlockPlan(self, self.text, add_noise(clean, self.rollout.noise(k), self.sigmas[:1]), self.sigmas)
 
-    def finish(self, clean: torch.Tensor) -> BlockOutput:
-        """Decode a denoised (and committed) block to JPEG frames."""
+    def decode(self, clean: torch.Tensor) -> Iterator[BlockOutput]:
+        """Decode a denoised block to JPEG frames, one latent frame (1 or 4 pixel frames) at a time.
+
+        Each part is yielded as soon as it exists; `block_end` follows once the block is committed.
+        """
         latents = clean if self._prefix is None else torch.cat([self._prefix, clean], dim=2)
         self._prefix = None
-        frames = to_uint8(self.pipe.autoencoder.decode_stream(self.decoder, latents))
         limit = self.inputs if self.mode == "v2v" else self.request.max_frames
-        if limit is not None:
-            frames = frames[: max(0, limit - self.frames)]
-        if self.mode == "v2v":
-            origins = [self._arrivals.popleft() for _ in frames]
-        else:
-            origins = [self._origin] * len(frames)
-        out = BlockOutput(
-            block=self.blocks,
-            first_index=self.frames,
-            jpegs=[encode_jpeg(frame, self.jpeg_quality) for frame in frames],
-            t_origin=origins,
-            t_ready=time.time(),
-            cached_frames=self.rollout.cache.cached_frames,
-            events=self._events,
-        )
+        for latent in latents.split(1, dim=2):
+            if limit is not None and self.frames >= limit:
+                return  # past the end of the stream: nothing left to show
+            frames = to_uint8(self.pipe.autoencoder.decode_stream(self.decoder, latent))
+            if limit is not None:
+                frames = frames[: limit - self.frames]
+            if self.mode == "v2v":
+                origins = [self._arrivals.popleft() for _ in frames]
+            else:
+                origins = [self._origin] * len(frames)
+            yield BlockOutput(
+                block=self.blocks,
+                first_index=self.frames,
+                jpegs=[encode_jpeg(frame, self.jpeg_quality) for frame in frames],
+                t_origin=origins,
+                t_ready=time.time(),
+                cached_frames=self.rollout.cache.cached_frames,
+                events=self._events,
+            )
+            self._events = []
+            self.frames += len(frames)
+
+    def block_end(self) -> BlockOutput:
+        """After a block is decoded and committed: its status, and whether the stream is done."""
+        out = BlockOutput(self.blocks, self.frames, [], [], time.time(), self.rollout.cache.cached_frames,
+                          self._events, block_end=True)
         self._events = []
         self.blocks += 1
-        self.frames += len(frames)
         out.done = self.is_done()
         out.more = self.mode == "v2v" and self._ready()
         return out

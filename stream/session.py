@@ -196,10 +196,9 @@ class Session:
         return controls
 
     def deliver(self, out: BlockOutput) -> None:
-        """Queue a finished block's frames and events on the connection's outbox."""
-        now = time.time()
+        """Queue part of a block on the connection's outbox: its frames and events, or its end."""
         if out.jpegs:
-            self.pacer.on_block(out.first_index, now)
+            self.pacer.on_block(out.first_index, time.time())
         for kind, fields in out.events:
             self.outbox.put_event(event(kind, session=self.id, **fields), in_stream=True)
         for i, (jpeg, origin) in enumerate(zip(out.jpegs, out.t_origin)):
@@ -207,7 +206,7 @@ class Session:
             header = FrameHeader(index, out.block, 0, origin, out.t_ready)
             self.outbox.put_frame(OutFrame(self.pacer.slot(index), header, jpeg))
         self.frames_out = out.first_index + len(out.jpegs)
-        if out.jpegs:
+        if out.block_end:
             self.blocks_out = out.block + 1
             status = {"frames": self.frames_out, "blocks": self.blocks_out, "dropped": self.outbox.dropped,
                       "cached_frames": out.cached_frames}

@@ -9,21 +9,23 @@ import numpy as np
 import pytest
 import torch
 
-from stream.batching import denoise, group_plans
-from stream.generator import BlockGenerator, v2v_sigmas
+from stream.batching import commit, denoise, group_plans
+from stream.generator import BlockGenerator, BlockOutput, BlockPlan, v2v_sigmas
 from stream.protocol import FrameHeader, StartRequest, unpack_frame
 from stream.session import OutFrame, Outbox, Pacer
 
 
+def _block(generator: BlockGenerator, plan: BlockPlan, decode: bool = True) -> tuple[torch.Tensor, list[BlockOutput]]:
+    """One block as the engine runs it: denoise, decode part by part, commit, end."""
+    clean = denoise([plan], [[0]])[0]
+    parts = list(generator.decode(clean)) if decode else []
+    commit([plan], [[0]], [clean])
+    return clean, parts + [generator.block_end()]
+
+
 def _blocks(generator: BlockGenerator, count: int, decode: bool = True) -> list[torch.Tensor]:
-    out = []
     with torch.inference_mode():
-        for _ in range(count):
-            plan = generator.plan()
-            out.append(denoise([plan], [[0]])[0])
-            if decode:
-                generator.finish(out[-1])
-    return out
+        return [_block(generator, generator.plan(), decode)[0] for _ in range(count)]
 
 
 def test_prompt_switch_changes_the_next_block_only(tiny_pipeline):
@@ -48,7 +50,7 @@ def test_prompt_interpolation_blends_embeddings_over_blocks(tiny_pipeline):
         for _ in range(4):
             plan = generator.plan()
             texts.append(plan.text)
-            generator.finish(denoise([plan], [[0]])[0])
+            _block(generator, plan)
     for text, weight in zip(texts, (1 / 3, 2 / 3, 1.0, 1.0)):
         torch.testing.assert_close(text, torch.lerp(old, new, weight))
     assert generator.idle_output().events == []  # the "prompt" event went out with the first block
@@ -60,11 +62,27 @@ def test_i2v_prefills_the_cache_and_decodes_the_image_first(tiny_pipeline):
     generator = BlockGenerator(tiny_pipeline, StartRequest("i2v", "a red circle", image=image))
     assert generator.rollout.cache.cached_frames == 1 and generator.rollout.frames_done == 1
     with torch.inference_mode():
-        plan = generator.plan()
-        out = generator.finish(denoise([plan], [[0]])[0])
+        _, parts = _block(generator, generator.plan())
     k = tiny_pipeline.config.block_frames
-    assert len(out.jpegs) == 1 + 4 * k  # the image's frame, then the block's
-    assert out.cached_frames == 1 + k
+    assert [len(part.jpegs) for part in parts] == [1] + [4] * k + [0]  # the image's frame, then the block's
+    assert parts[-1].block_end and parts[-1].cached_frames == 1 + k
+
+
+def test_frames_are_sent_latent_frame_by_latent_frame_before_the_commit(tiny_pipeline):
+    k = tiny_pipeline.config.block_frames
+    first_block_frames = 1 + 4 * (k - 1)
+    request = StartRequest("t2v", "a red circle", seed=0, max_frames=first_block_frames + 3)
+    generator = BlockGenerator(tiny_pipeline, request)
+    with torch.inference_mode():
+        _, first = _block(generator, generator.plan())
+        _, second = _block(generator, generator.plan())
+    # A stream's first latent frame decodes to one pixel frame, every later one to four.
+    assert [len(part.jpegs) for part in first] == [1] + [4] * (k - 1) + [0]
+    assert [part.first_index for part in first[:-1]] == [0, 1, 5][:k]
+    # Each part was made before its block entered the KV cache; the block's end comes after.
+    assert {part.cached_frames for part in first[:-1]} == {0} and first[-1].cached_frames == k
+    # max_frames ends the stream inside the second block's first latent frame: nothing past it is sent.
+    assert [len(part.jpegs) for part in second] == [3, 0] and second[-1].done
 
 
 @pytest.mark.parametrize("num_inputs", [13, 11])
@@ -78,11 +96,11 @@ def test_v2v_outputs_one_frame_per_input_frame(tiny_pipeline, num_inputs):
             chunk = range(start, min(start + 3, num_inputs))
             generator.feed([rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in chunk], [arrivals[i] for i in chunk])
             while (plan := generator.plan()) is not None:
-                outputs.append(generator.finish(denoise([plan], [[0]])[0]))
+                outputs.extend(_block(generator, plan)[1])
         assert not generator.is_done()
         generator.end_input()
         while (plan := generator.plan()) is not None:
-            outputs.append(generator.finish(denoise([plan], [[0]])[0]))
+            outputs.extend(_block(generator, plan)[1])
     origins = [t for out in outputs for t in out.t_origin]
     firsts = [out.first_index for out in outputs]
     assert sum(len(out.jpegs) for out in outputs) == num_inputs
@@ -108,8 +126,10 @@ def test_batched_blocks_equal_blocks_generated_alone(tiny_pipeline):
             plans = [g.plan() for g in together]
             groups = group_plans(plans)
             assert groups == [[0, 1]]
-            for i, clean in enumerate(denoise(plans, groups)):
-                torch.testing.assert_close(clean, expected[i][block], atol=1e-4, rtol=1e-4)
+            clean = denoise(plans, groups)
+            commit(plans, groups, clean)
+            for i, latents in enumerate(clean):
+                torch.testing.assert_close(latents, expected[i][block], atol=1e-4, rtol=1e-4)
     for a, b in zip(alone, together):
         assert b.rollout.cache.cached_frames == a.rollout.cache.cached_frames == 5  # 6 frames, sink 1 + window 4
         assert b.rollout.frames_done == a.rollout.frames_done == 6
