@@ -110,7 +110,10 @@ def test_convert_to_bf16_and_load_back(tiny_checkpoint, tmp_path):
     weights = next((tmp_path / "bf16" / "transformer").glob("*.safetensors"))
     with safe_open(str(weights), "pt") as reader:
         assert reader.get_tensor(next(iter(reader.keys()))).dtype == torch.bfloat16
-    assert next(stored.autoencoder.parameters()).dtype == torch.float32  # decoded in fp32 regardless
+    # Every model runs in the pipeline's dtype, whatever the stored one.
+    assert next(stored.autoencoder.parameters()).dtype == stored.denoiser.transformer.dtype
+    fp32 = load_pipeline(tmp_path / "bf16", device="cpu", dtype=torch.float32)
+    assert next(fp32.autoencoder.parameters()).dtype == torch.float32
     assert stored.generate("a red circle", num_frames=5).shape == (5, 32, 32, 3)
 
 

@@ -59,7 +59,7 @@ class VideoAutoencoder(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "VideoAutoencoder":
-        """Load in fp32 whatever the stored dtype: the autoencoder loses detail in bf16."""
+        """Load in fp32 whatever the stored dtype: training needs it (pipelines cast for inference)."""
         return cls(load_diffusers_model(AutoencoderKLWan, path, torch_dtype=torch.float32))
 
     def save_pretrained(self, path: str | Path) -> None:
