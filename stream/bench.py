@@ -175,7 +175,7 @@ def _denoiser_flops(pipe: CausVidPipeline, prompt: str) -> dict:
 
 
 def bench_pipeline(pipe: CausVidPipeline, seconds: float = 10.0, clients: tuple[int, ...] = (1, 2, 4),
-                   teacher_frames: int = 17, prompts: tuple[str, ...] = DEFAULT_PROMPTS) -> dict:
+                   teacher_frames: int = 81, prompts: tuple[str, ...] = DEFAULT_PROMPTS) -> dict:
     """The whole benchmark on a loaded pipeline."""
     if seconds <= 0 or not clients or min(clients) < 1 or teacher_frames < 1:
         raise ValueError("seconds, clients and teacher frames must be positive")

@@ -139,7 +139,8 @@ def register(subparsers) -> None:
     stream = benches.add_parser("stream", help="end-to-end streaming benchmark (one JSON record)")
     stream.add_argument("--seconds", type=float, default=10.0, help="length of each measured stream")
     stream.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4], help="concurrency levels")
-    stream.add_argument("--teacher-frames", type=int, default=17, help="clip length for student vs teacher")
+    stream.add_argument("--teacher-frames", type=int, default=81,
+                        help="clip length for student vs teacher (81: Wan's 5 s clip)")
     stream.add_argument("--prompt", action="append", default=[], help="prompts (repeatable)")
     stream.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     add_checkpoint_args(stream)
