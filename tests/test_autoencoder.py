@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -31,6 +33,20 @@ def test_streaming_decode_equals_whole_decode(autoencoder):
     parts.append(autoencoder.decode_stream(stream, latents[:, :, 6:]))
     assert [p.shape[2] for p in parts] == [9, 12, 4]
     assert torch.equal(torch.cat(parts, dim=2), whole)
+
+
+@torch.no_grad()
+def test_bf16_inference_stays_close_to_fp32(autoencoder):
+    """Pipelines run the autoencoder in their dtype (bf16 on CPUs that have it) for speed."""
+    bf16 = copy.deepcopy(autoencoder).to(torch.bfloat16)
+    latents = torch.randn(1, 4, 3, 8, 8)
+    reference = autoencoder.decode_stream(autoencoder.new_decoder_stream(), latents)
+    decoded = bf16.decode_stream(bf16.new_decoder_stream(), latents)
+    assert decoded.dtype == torch.float32  # pixels come back in fp32 whatever the compute dtype
+    relative_mse = (decoded - reference).square().mean() / reference.var()
+    assert relative_mse < 1e-3
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    torch.testing.assert_close(bf16.encode(video.to(torch.bfloat16)).float(), autoencoder.encode(video), atol=0.1, rtol=0.05)
 
 
 @torch.no_grad()
