@@ -212,6 +212,7 @@ class CausVidPipeline:
         rollout = self.new_rollout(seed, steps, use_kv_cache)
         decoder = self.autoencoder.new_decoder_stream()
         emitted = 0
+
         def wanted() -> bool:
             return num_frames is None or emitted < num_frames
 

@@ -162,7 +162,7 @@ class Engine:
                         results[i] = error
                 commit(plans, groups, clean)
             except Exception as error:
-                log.exception("denoising failed")
+                log.exception("denoising or committing failed")
                 for i in owners:
                     results[i] = error
                 return list(zip(generators, results))
