@@ -39,6 +39,8 @@ class TrainConfig:
     batch_size: int = 8
     lr: dict[str, float] = field(default_factory=lambda: {"model": 1e-4})  # per optimiser
     warmup_steps: int = 50
+    decay_steps: int = 0  # linear decay over the last decay_steps steps (warmup-stable-decay); 0: none
+    final_lr_fraction: float = 0.1  # the lr at max_steps, as a fraction of the peak, when decaying
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
@@ -247,6 +249,20 @@ class MetricsLog:
         self._write_all()
 
 
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """The lr multiplier at `step`: warm-up, stable, decay (WSD, Hu et al. 2024, MiniCPM).
+
+    The decay is a function of the step alone, so a resumed run (even one whose config gained a
+    decay or a longer max_steps) continues on the same curve.
+    """
+    warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    decay_start = config.max_steps - config.decay_steps
+    if config.decay_steps <= 0 or step < decay_start:
+        return warmup
+    progress = (step - decay_start) / config.decay_steps
+    return warmup * (1.0 - (1.0 - config.final_lr_fraction) * progress)
+
+
 # -- the loop --------------------------------------------------------------------------------
 
 
@@ -293,10 +309,10 @@ def train(config: TrainConfig, objective: Objective) -> int:
     step = start
     bar = tqdm(total=config.max_steps, initial=start, disable=not accelerator.is_main_process, unit="step")
     for batch in loader:
-        # 3. Learning rate: linear warm-up, then constant.
+        # 3. Learning rate: linear warm-up, constant, then an optional linear decay.
         for name, opt in optimizers.items():
             for group in opt.param_groups:
-                group["lr"] = config.lr[name] * min(1.0, (step + 1) / max(1, config.warmup_steps))
+                group["lr"] = config.lr[name] * lr_factor(config, step)
 
         # 4. Losses and updates. The objective decides which optimisers step this iteration.
         tick = time.monotonic()

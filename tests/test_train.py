@@ -125,6 +125,17 @@ def test_config_errors_are_clear(tmp_path):
     assert main(["train", "autoencoder", "--config", str(tmp_path / "missing.yaml")]) == 2
 
 
+def test_lr_warms_up_holds_then_decays_linearly():
+    from causvid.train import TrainConfig, lr_factor
+
+    config = TrainConfig(max_steps=100, warmup_steps=10, decay_steps=40, final_lr_fraction=0.1)
+    assert lr_factor(config, 0) == pytest.approx(0.1)
+    assert lr_factor(config, 9) == lr_factor(config, 59) == 1.0
+    assert lr_factor(config, 80) == pytest.approx(0.55)
+    assert lr_factor(config, 100) == pytest.approx(0.1)
+    assert lr_factor(TrainConfig(max_steps=100, warmup_steps=10), 99) == 1.0  # no decay by default
+
+
 def test_ema_warms_up_then_uses_its_decay():
     from causvid.train import EMA
 
