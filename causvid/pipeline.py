@@ -218,8 +218,8 @@ class CausVidPipeline:
 
         while wanted():
             latents = rollout.denoise_block(text)
-            for latent in latents.split(1, dim=2):
-                for frame in to_uint8(self.autoencoder.decode_stream(decoder, latent)):
+            for pixels in self.autoencoder.iter_decode_stream(decoder, latents):
+                for frame in to_uint8(pixels):
                     if not wanted():
                         return
                     emitted += 1

@@ -173,10 +173,8 @@ class BlockGenerator:
         latents = clean if self._prefix is None else torch.cat([self._prefix, clean], dim=2)
         self._prefix = None
         limit = self.inputs if self.mode == "v2v" else self.request.max_frames
-        for latent in latents.split(1, dim=2):
-            if limit is not None and self.frames >= limit:
-                return  # past the end of the stream: nothing left to show
-            frames = to_uint8(self.pipe.autoencoder.decode_stream(self.decoder, latent))
+        for pixels in self.pipe.autoencoder.iter_decode_stream(self.decoder, latents):
+            frames = to_uint8(pixels)
             if limit is not None:
                 frames = frames[: limit - self.frames]
             if self.mode == "v2v":
@@ -194,6 +192,8 @@ class BlockGenerator:
             )
             self._events = []
             self.frames += len(frames)
+            if limit is not None and self.frames >= limit:
+                return  # the end of the stream: the rest of the block is never decoded
 
     def block_end(self) -> BlockOutput:
         """After a block is decoded and committed: its status, and whether the stream is done."""

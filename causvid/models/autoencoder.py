@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -128,6 +129,26 @@ class VideoAutoencoder(torch.nn.Module):
         """
         return self._decode_raw(stream, self.denormalize(latents).to(self.vae.dtype)).float()
 
+    def iter_decode_stream(self, stream: _ConvCache, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        """`decode_stream`, yielding each latent frame's pixel frames [B, 3, 1 or 4, H, W] once decoded.
+
+        A caller can show them before the next is decoded, and stop early at no cost.
+        """
+        for pixels in self._iter_decode_raw(stream, self.denormalize(latents).to(self.vae.dtype)):
+            yield pixels.float()
+
+    def _iter_decode_raw(self, stream: _ConvCache, z: torch.Tensor) -> Iterator[torch.Tensor]:
+        # Un-normalised latents -> pixels, one latent frame at a time through the stream's cache.
+        x = self.vae.post_quant_conv(z)
+        for i in range(x.shape[2]):
+            pixels = self.vae.decoder(x[:, :, i : i + 1], feat_cache=stream.feats, feat_idx=[0],
+                                      first_chunk=not stream.started)
+            stream.started = True
+            yield pixels.clamp(-1, 1)
+
+    def _decode_raw(self, stream: _ConvCache, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat(list(self._iter_decode_raw(stream, z)), dim=2)
+
     def encode_stream(self, stream: _ConvCache, frames: torch.Tensor) -> torch.Tensor | None:
         """Feed pixel frames [B, 3, n, H, W] of a stream; returns the latent frames now complete.
 
@@ -136,17 +157,6 @@ class VideoAutoencoder(torch.nn.Module):
         """
         moments = self._encode_moments(stream, frames)
         return None if moments is None else self.normalize(moments[:, : self.latent_channels].float())
-
-    def _decode_raw(self, stream: _ConvCache, z: torch.Tensor) -> torch.Tensor:
-        # Un-normalised latents -> pixels, one latent frame at a time through the stream's cache.
-        x = self.vae.post_quant_conv(z)
-        frames = []
-        for i in range(x.shape[2]):
-            frames.append(
-                self.vae.decoder(x[:, :, i : i + 1], feat_cache=stream.feats, feat_idx=[0], first_chunk=not stream.started)
-            )
-            stream.started = True
-        return torch.cat(frames, dim=2).clamp(-1, 1)
 
     def _encode_moments(self, stream: _ConvCache, frames: torch.Tensor) -> torch.Tensor | None:
         # Pixels -> posterior moments [B, 2z, n, h, w] of every chunk the new frames complete.
