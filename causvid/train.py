@@ -307,6 +307,7 @@ def train(config: TrainConfig, objective: Objective) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
     began = time.monotonic()
     step = start
+    recent: dict[str, float] = {}
     bar = tqdm(total=config.max_steps, initial=start, disable=not accelerator.is_main_process, unit="step")
     for batch in loader:
         # 3. Learning rate: linear warm-up, constant, then an optional linear decay.
@@ -320,7 +321,7 @@ def train(config: TrainConfig, objective: Objective) -> int:
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with accelerator.autocast():
             losses = objective.losses(wrapped, batch, step, generator)
-        logs: dict[str, float] = {}
+        logs: dict[str, float] = {}  # this step's; `recent` keeps each optimiser's last, for the log
         for name, (loss, extra) in losses.items():
             optimizers[name].zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -329,16 +330,17 @@ def train(config: TrainConfig, objective: Objective) -> int:
             emas[name].update(modules[name])
             logs[f"loss_{name}"] = loss.item()
             logs.update(extra)
+        recent.update(logs)  # an optimiser that steps every k-th iteration still shows in the log
         step += 1
         bar.update(1)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
+        bar.set_postfix({k: f"{v:.4g}" for k, v in recent.items() if k.startswith("loss")})
 
         # 5. Log, sample, checkpoint (main process only; all ranks hold the same weights).
         out_of_time = config.max_minutes is not None and time.monotonic() - began > 60 * config.max_minutes
         last = step == config.max_steps or out_of_time or stop["signal"]
         if accelerator.is_main_process:
             if step % config.log_every == 0 or last:
-                log.append({"step": step, "seconds_per_step": time.monotonic() - tick, **logs})
+                log.append({"step": step, "seconds_per_step": time.monotonic() - tick, **recent})
             if step % config.sample_every == 0:
                 metrics = objective.sample(_ema_copies(modules, emas), out_dir / "samples", step)
                 if metrics:

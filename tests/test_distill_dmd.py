@@ -81,7 +81,9 @@ def test_causvid_dmd_steps_critic_every_step_generator_every_rth_and_resumes_exa
     assert main(["distill", "dmd", "--config", str(straight)]) == 0
     rows = _metrics(tmp_path / "straight")
     assert [r["step"] for r in rows if r.get("loss_critic")] == ["1", "2", "3", "4"]
-    assert [r["step"] for r in rows if r.get("loss_generator")] == ["1", "3"]  # steps 0 and 2 with r = 2
+    # The generator steps at iterations 0 and 2 (r = 2); between them the log carries its last loss.
+    generator_losses = [r["loss_generator"] for r in rows]
+    assert generator_losses[0] == generator_losses[1] != generator_losses[2] == generator_losses[3]
     checkpoint = next((tmp_path / "straight").glob("checkpoint-0000004"))
     steps = {name: load_tensors(checkpoint / f"{name}_optimizer.safetensors")["opt.0.step"].item()
              for name in ("generator", "critic")}
@@ -109,7 +111,8 @@ def test_self_forcing_dmd_with_causal_teacher_and_generator_from_a_pipeline(tiny
                          generator_init=str(tiny_checkpoint), sample_frames=9)
     assert main(["distill", "dmd", "--config", str(config), "--max-steps", "3"]) == 0
     rows = _metrics(tmp_path / "sf")
-    assert [r["step"] for r in rows if r.get("loss_generator")] == ["1", "3"]
+    generator_losses = [r["loss_generator"] for r in rows]
+    assert generator_losses[0] == generator_losses[1] != generator_losses[2]  # iterations 0 and 2
     assert all(float(r["loss_critic"]) >= 0 for r in rows)
     load_pipeline(tmp_path / "sf" / "export", "cpu", torch.float32)
     # The wrong data for the input mode is refused.
