@@ -68,7 +68,7 @@ def _compare(args: argparse.Namespace) -> None:
     if not args.checkpoints and args.teacher is None:
         raise ValueError("nothing to compare: give checkpoints (LABEL=DIR) and/or --teacher DIR")
     reports = compare(_labelled(args.checkpoints), _cases(args), args.seeds, args.frames, args.device,
-                      args.teacher, args.ground_truth)
+                      args.teacher, args.ground_truth, [None, *args.teacher_steps])
     for label, report in reports.items():
         print(f"== {label}\n{format_table(report)}\n", file=sys.stderr)
     print(ablation_table(reports), file=sys.stderr)
@@ -126,6 +126,8 @@ def register(subparsers) -> None:
     comparison = stages.add_parser("compare", help="shapes-bench of checkpoints' students: the ablation table (JSON)")
     comparison.add_argument("checkpoints", nargs="*", help="LABEL=DIR (or DIR) pipeline directories")
     comparison.add_argument("--teacher", type=Path, default=None, help="also score this pipeline's teacher (CFG)")
+    comparison.add_argument("--teacher-steps", type=int, nargs="*", default=[],
+                            help="with --teacher: also score it at these step counts (e.g. 4: undistilled few-step)")
     comparison.add_argument("--ground-truth", action="store_true", help="also score rendered clips (the ceiling)")
     _add_bench_args(comparison, frames=33, seeds=[0, 1, 2, 3], num_seen=16, num_pairs=2)
     comparison.add_argument("--device", default=None)

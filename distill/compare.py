@@ -44,10 +44,12 @@ def compare(
     device: str | None = None,
     teacher_of: Path | None = None,
     ground_truth: bool = False,
+    teacher_steps: Sequence[int | None] = (None,),
 ) -> dict[str, dict]:
     """Label -> shapes-bench report, for each checkpoint's student (plus the teacher and the ceiling).
 
-    Pipelines are loaded one at a time, so only one is in memory.
+    `teacher_steps` gives one teacher row per step count (None: the pipeline's, 50), e.g. (None, 4)
+    adds the few-step teacher without distillation. Pipelines are loaded one at a time.
     """
     from causvid.pipeline import load_pipeline
 
@@ -55,7 +57,9 @@ def compare(
     if teacher_of is not None:
         pipe = load_pipeline(teacher_of, device)
         size = (pipe.config.height, pipe.config.width)
-        reports["teacher (CFG)"] = bench(pipe, cases, seeds, num_frames, teacher=True)
+        for steps in teacher_steps:
+            label = "teacher (CFG)" if steps is None else f"teacher, {steps} steps (CFG)"
+            reports[label] = bench(pipe, cases, seeds, num_frames, teacher=True, steps=steps)
     for label, path in checkpoints.items():
         pipe = load_pipeline(path, device)
         size = (pipe.config.height, pipe.config.width)

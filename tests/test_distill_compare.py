@@ -33,10 +33,11 @@ def test_ablation_table_has_a_row_per_run_and_a_column_per_metric(tiny_pipeline)
 def test_compare_and_drift_commands_print_json(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "report.json"
     assert main(["distill", "compare", f"student={tiny_checkpoint}", "--teacher", str(tiny_checkpoint),
-                 "--ground-truth", "--frames", "9", "--seeds", "0", "--max-cases", "1", "--device", "cpu",
+                 "--teacher-steps", "2", "--ground-truth", "--frames", "9", "--seeds", "0", "--max-cases", "1", "--device", "cpu",
                  "--out", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert list(summary) == ["ground truth", "teacher (CFG)", "student"]
+    assert list(summary) == ["ground truth", "teacher (CFG)", "teacher, 2 steps (CFG)", "student"]
+    assert summary["teacher (CFG)"] != summary["teacher, 2 steps (CFG)"]
     assert set(summary["student"]) == set(METRICS)
     assert json.loads(out.read_text())["student"]["source"] == "model"
     assert main(["distill", "compare"]) == 2  # nothing to compare
