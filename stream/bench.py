@@ -88,7 +88,8 @@ async def _aggregate_fps(url: str, clients: int, seconds: float, prompts: tuple[
     return counted / (end - start) if end > start else 0.0
 
 
-async def _serve_and_measure(pipe: CausVidPipeline, seconds: float, clients: tuple[int, ...], prompts: tuple[str, ...]) -> dict:
+async def _serve_and_measure(pipe: CausVidPipeline, seconds: float, single_seconds: float, clients: tuple[int, ...],
+                             prompts: tuple[str, ...]) -> dict:
     config = ServerConfig(port=0, max_sessions=max(clients) + 1, max_queue_frames=1024)
     k = pipe.config.block_frames
     # Long enough for the rolling cache to fill and evict.
@@ -97,7 +98,7 @@ async def _serve_and_measure(pipe: CausVidPipeline, seconds: float, clients: tup
         await _stream(server.ws_url, prompts[0], 0, 0.0, min_blocks=1)  # warm-up: first-call costs are not streaming
         await server.engine.call(lambda: None)  # the warm-up's block still in flight finishes first
         rss_start = _rss_mb()
-        single = _single(*await _stream(server.ws_url, prompts[0], 0, seconds, min_blocks), first_block=1 + 4 * (k - 1))
+        single = _single(*await _stream(server.ws_url, prompts[0], 0, single_seconds, min_blocks), first_block=1 + 4 * (k - 1))
         memory = {"rss_start_mb": rss_start, "rss_end_mb": _rss_mb()}
         # Video to video, fed like a camera at the model's fps: latency from input to output frame.
         video = np.random.default_rng(0).integers(0, 256, (1 + 8 * k, pipe.config.height, pipe.config.width, 3), np.uint8)
@@ -176,9 +177,15 @@ def _denoiser_flops(pipe: CausVidPipeline, prompt: str) -> dict:
 
 
 def bench_pipeline(pipe: CausVidPipeline, seconds: float = 10.0, clients: tuple[int, ...] = (1, 2, 4),
-                   teacher_frames: int = 81, prompts: tuple[str, ...] = DEFAULT_PROMPTS) -> dict:
-    """The whole benchmark on a loaded pipeline."""
-    if seconds <= 0 or not clients or min(clients) < 1 or teacher_frames < 1:
+                   teacher_frames: int = 81, prompts: tuple[str, ...] = DEFAULT_PROMPTS,
+                   single_seconds: float | None = None) -> dict:
+    """The whole benchmark on a loaded pipeline.
+
+    `seconds` is each concurrency stream's length; `single_seconds` (default: `seconds`) that of the
+    one-client stream behind time to first frame, latency and flatness, e.g. 600 for 10 minutes.
+    """
+    single_seconds = seconds if single_seconds is None else single_seconds
+    if min(seconds, single_seconds) <= 0 or not clients or min(clients) < 1 or teacher_frames < 1:
         raise ValueError("seconds, clients and teacher frames must be positive")
     record = {
         "bench": "stream",
@@ -186,8 +193,9 @@ def bench_pipeline(pipe: CausVidPipeline, seconds: float = 10.0, clients: tuple[
         "dtype": str(pipe.denoiser.transformer.dtype),
         "config": {k: getattr(pipe.config, k) for k in ("height", "width", "fps", "block_frames", "sink_frames", "window_frames")},
         "seconds": seconds,
+        "single_seconds": single_seconds,
     }
-    record.update(asyncio.run(_serve_and_measure(pipe, seconds, tuple(clients), prompts)))
+    record.update(asyncio.run(_serve_and_measure(pipe, seconds, single_seconds, tuple(clients), prompts)))
     record["student_vs_teacher"] = _student_vs_teacher(pipe, prompts, teacher_frames)
     flops = _denoiser_flops(pipe, prompts[0])
     flops["matmul_flops_per_s"] = _matmul_flops_per_s(pipe.denoiser.transformer.dtype, pipe.device)

@@ -88,7 +88,7 @@ def _bench_stream(args: argparse.Namespace) -> None:
 
     _set_threads(args.threads)
     record = run_stream_bench(
-        args.checkpoint, args.device, seconds=args.seconds, clients=tuple(args.clients),
+        args.checkpoint, args.device, seconds=args.seconds, single_seconds=args.single_seconds, clients=tuple(args.clients),
         teacher_frames=args.teacher_frames, prompts=args.prompt or None,
     )
     print(json.dumps(record))
@@ -138,6 +138,8 @@ def register(subparsers) -> None:
     benches = bench.add_subparsers(dest="bench", required=True)
     stream = benches.add_parser("stream", help="end-to-end streaming benchmark (one JSON record)")
     stream.add_argument("--seconds", type=float, default=10.0, help="length of each measured stream")
+    stream.add_argument("--single-seconds", type=float, default=None,
+                        help="length of the one-client stream (first frame, latency, flatness; default: --seconds)")
     stream.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4], help="concurrency levels")
     stream.add_argument("--teacher-frames", type=int, default=81,
                         help="clip length for student vs teacher (81: Wan's 5 s clip)")
