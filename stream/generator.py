@@ -173,6 +173,8 @@ class BlockGenerator:
         latents = clean if self._prefix is None else torch.cat([self._prefix, clean], dim=2)
         self._prefix = None
         limit = self.inputs if self.mode == "v2v" else self.request.max_frames
+        if limit is not None and self.frames >= limit:
+            return  # past the end of the stream: nothing left to show
         for pixels in self.pipe.autoencoder.iter_decode_stream(self.decoder, latents):
             frames = to_uint8(pixels)
             if limit is not None:
