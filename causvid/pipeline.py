@@ -152,12 +152,13 @@ class CausVidPipeline:
 
         Inference in bf16 suits the autoencoder too (it decodes close to fp32, see
         tests/test_autoencoder.py, and several times faster on a bf16 CPU); only training needs fp32.
+        The autoencoder's convolutions go channels-last, their fastest layout.
         """
         self.device = torch.device(device)
         for model in (self.denoiser, self.teacher):
             if model is not None:
                 model.to(self.device, dtype)
-        self.autoencoder.to(self.device, dtype)
+        self.autoencoder.to(self.device, dtype).channels_last()
         self.text_encoder.to(self.device)
         return self
 

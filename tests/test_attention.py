@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from causvid.models.attention import block_causal_mask
+from causvid.models.attention import apply_rotary, block_causal_mask
 from causvid.rollout import CausalRollout
 from causvid.schedule import student_sigmas
 
@@ -77,6 +77,20 @@ def test_rolling_cache_equals_windowed_mask_across_evictions(tiny_denoiser):
     assert (cached - recomputed).abs().max().item() < 1e-4
     unbounded, _ = _rollout(tiny_denoiser, text, blocks=6)
     assert not torch.allclose(cached[:, :, 6:], unbounded[:, :, 6:])  # the window really cut context
+
+
+def test_rotated_keys_are_reused_until_the_cache_changes(tiny_denoiser):
+    text = torch.randn(1, 32, 384)
+    _, rollout = _rollout(tiny_denoiser, text, blocks=2, window_frames=3)
+    cache = rollout.cache
+    cos, sin = tiny_denoiser.transformer.rope.at(torch.arange(cache.cached_frames), H // 2, W // 2)
+    first = cache.rotated_keys(0, cos, sin)
+    assert cache.rotated_keys(0, cos, sin) is first  # a block's later steps reuse the rotation
+    with torch.no_grad():
+        rollout.next_block(text)  # appends a block and evicts one
+    fresh = cache.rotated_keys(0, cos, sin)
+    assert fresh is not first
+    torch.testing.assert_close(fresh, apply_rotary(cache.keys[0], cos, sin))
 
 
 def test_sink_frames_stay_visible_after_eviction(tiny_denoiser):

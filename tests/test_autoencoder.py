@@ -50,6 +50,22 @@ def test_bf16_inference_stays_close_to_fp32(autoencoder):
 
 
 @torch.no_grad()
+def test_channels_last_layout_changes_speed_not_results(autoencoder, tmp_path):
+    from causvid.models.autoencoder import VideoAutoencoder
+
+    fast = copy.deepcopy(autoencoder).channels_last()
+    convs = [m for m in fast.vae.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in convs)
+    assert not all(m.weight.is_contiguous() for m in convs)
+    latents = torch.randn(1, 4, 3, 8, 8)
+    reference = autoencoder.decode_stream(autoencoder.new_decoder_stream(), latents)
+    torch.testing.assert_close(fast.decode_stream(fast.new_decoder_stream(), latents), reference, atol=1e-5, rtol=1e-4)
+    fast.save_pretrained(tmp_path)  # safetensors needs contiguous tensors; the weights are unchanged
+    reloaded = VideoAutoencoder.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(value, reloaded[name]) for name, value in autoencoder.state_dict().items())
+
+
+@torch.no_grad()
 def test_streaming_encode_equals_whole_encode(autoencoder):
     video = torch.rand(1, 3, 13, 32, 32) * 2 - 1
     whole = autoencoder.encode(video)

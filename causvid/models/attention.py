@@ -72,6 +72,7 @@ class KVCache:
     values: list[torch.Tensor | None] = field(default_factory=list)
     cross: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     cross_text: torch.Tensor | None = None
+    _rotated: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.window_frames is not None and self.window_frames < 0:
@@ -79,6 +80,7 @@ class KVCache:
         self.keys = [None] * self.num_layers
         self.values = [None] * self.num_layers
         self.cross = [None] * self.num_layers
+        self._rotated = [None] * self.num_layers
 
     @property
     def cached_frames(self) -> int:
@@ -95,6 +97,18 @@ class KVCache:
         if keep is not None:
             key, value = key[:, keep], value[:, keep]
         self.keys[layer], self.values[layer] = key, value
+
+    def rotated_keys(self, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`layer`'s cached keys rotated to their slots by `cos`/`sin` (which the cache length fixes).
+
+        Every denoising step of a block and its commit pass see the same cache, so the rotation is
+        computed once per cache state: the memo is tied to the keys tensor and ends when it changes.
+        """
+        keys, memo = self.keys[layer], self._rotated[layer]
+        if memo is None or memo[0] is not keys:
+            memo = (keys, apply_rotary(keys, cos, sin))
+            self._rotated[layer] = memo
+        return memo[1]
 
     def _keep_tokens(self, frames: int) -> torch.Tensor | None:
         if self.window_frames is None or frames <= self.sink_frames + self.window_frames:
@@ -170,7 +184,7 @@ class CausalSelfAttnProcessor:
         if past_k is None:
             out = _attend(attn, query, key_now, value, None)
         else:
-            past_k = apply_rotary(past_k, *ctx.cache_rotary)
+            past_k = cache.rotated_keys(self.layer, *ctx.cache_rotary)
             out = _attend(attn, query, torch.cat([past_k, key_now], 1), torch.cat([past_v, value], 1), None)
         if ctx.write_cache:
             cache.append(self.layer, key, value)
