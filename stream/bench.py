@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from causvid.models.autoencoder import num_latent_frames
 from causvid.pipeline import CausVidPipeline, load_pipeline
+from causvid.samplers import guided_velocity
 from stream.client import Frame, StreamClient, percentiles, record_async
 from stream.server import ServerConfig, StreamServer
 
@@ -176,6 +178,22 @@ def _denoiser_flops(pipe: CausVidPipeline, prompt: str) -> dict:
     return {"denoiser_flops_per_frame": per_frame, "denoiser_only_flops_per_s": counter.get_total_flops() / block_s}
 
 
+@torch.inference_mode()
+def _teacher_flops_per_frame(pipe: CausVidPipeline, prompt: str, frames: int) -> float:
+    """The 50-step CFG teacher's denoiser FLOPs per pixel frame of a `frames`-frame clip.
+
+    With the student's FLOPs per frame this gives the throughput ratio that perfectly efficient
+    denoising would reach, before decoding (which both pay per frame) is added.
+    """
+    channels, height, width = pipe.latent_shape
+    x = torch.randn(1, channels, num_latent_frames(frames), height, width, device=pipe.device)
+    velocity = guided_velocity(pipe.teacher, pipe.encode_prompt(prompt), pipe.encode_prompt(pipe.config.negative_prompt),
+                               pipe.config.guidance_scale)
+    with FlopCounterMode(display=False) as counter:
+        velocity(x, torch.ones(1, device=pipe.device))
+    return counter.get_total_flops() * pipe.config.teacher_steps / frames
+
+
 def bench_pipeline(pipe: CausVidPipeline, seconds: float = 10.0, clients: tuple[int, ...] = (1, 2, 4),
                    teacher_frames: int = 81, prompts: tuple[str, ...] = DEFAULT_PROMPTS,
                    single_seconds: float | None = None) -> dict:
@@ -187,6 +205,7 @@ def bench_pipeline(pipe: CausVidPipeline, seconds: float = 10.0, clients: tuple[
     single_seconds = seconds if single_seconds is None else single_seconds
     if min(seconds, single_seconds) <= 0 or not clients or min(clients) < 1 or teacher_frames < 1:
         raise ValueError("seconds, clients and teacher frames must be positive")
+    num_latent_frames(teacher_frames)  # 1 + 4k, checked before the long part of the run
     record = {
         "bench": "stream",
         "device": str(pipe.device),
@@ -201,6 +220,9 @@ def bench_pipeline(pipe: CausVidPipeline, seconds: float = 10.0, clients: tuple[
     flops["matmul_flops_per_s"] = _matmul_flops_per_s(pipe.denoiser.transformer.dtype, pipe.device)
     flops["achieved_flops_per_s"] = flops["denoiser_flops_per_frame"] * record["single"]["steady_fps"]
     flops["fraction_of_matmul"] = flops["achieved_flops_per_s"] / flops["matmul_flops_per_s"]
+    if pipe.teacher is not None:
+        flops["teacher_denoiser_flops_per_frame"] = _teacher_flops_per_frame(pipe, prompts[0], teacher_frames)
+        flops["teacher_to_student_flops_ratio"] = flops["teacher_denoiser_flops_per_frame"] / flops["denoiser_flops_per_frame"]
     flops["denoiser_only_fraction_of_matmul"] = flops["denoiser_only_flops_per_s"] / flops["matmul_flops_per_s"]
     record["flops"] = flops
     record["memory"]["peak_rss_mb"] = _peak_rss_mb()

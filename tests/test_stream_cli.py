@@ -99,5 +99,9 @@ def test_bench_stream_prints_one_json_record(tiny_checkpoint, capsys):
     flops = record["flops"]
     assert flops["denoiser_flops_per_frame"] > 0 and flops["matmul_flops_per_s"] > 0
     assert 0 < flops["fraction_of_matmul"] < 10
+    # 50 guided steps over the clip against 4 steps + a commit per block: the teacher costs more per frame
+    assert flops["teacher_denoiser_flops_per_frame"] > flops["denoiser_flops_per_frame"]
+    assert flops["teacher_to_student_flops_ratio"] == pytest.approx(
+        flops["teacher_denoiser_flops_per_frame"] / flops["denoiser_flops_per_frame"])
     assert record["memory"]["peak_rss_mb"] > 0
     assert main(["bench", "stream", "--checkpoint", str(tiny_checkpoint), "--threads", "0"]) == 2
