@@ -11,9 +11,6 @@ from pathlib import Path
 
 from causvid.cli import add_checkpoint_args
 
-# On a CPU shared with other work, torch's busy-waiting worker threads can cost 10x: say 1.
-THREADS_HELP = "torch CPU threads (default: torch's choice)"
-
 
 def _serve(args: argparse.Namespace) -> None:
     from causvid.pipeline import load_pipeline
@@ -23,10 +20,9 @@ def _serve(args: argparse.Namespace) -> None:
     if args.max_sessions < 1:
         raise ValueError(f"--max-sessions must be >= 1, got {args.max_sessions}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    _set_threads(args.threads)
     pipe = load_pipeline(args.checkpoint, args.device)
     config = ServerConfig(
-        host=args.host, port=args.port, max_sessions=args.max_sessions, token=args.token,
+        host=args.host, port=args.port, max_sessions=args.max_sessions, token=args.token, model_threads=args.threads,
         allowed_origins=tuple(args.allow_origin), max_queue_frames=args.max_queue_frames,
         batching=not args.no_batching, limits=Limits(max_message_bytes=args.max_message_bytes),
     )
@@ -114,7 +110,8 @@ def register(subparsers) -> None:
     serve.add_argument("--max-queue-frames", type=int, default=32, help="frames queued per client before dropping")
     serve.add_argument("--max-message-bytes", type=int, default=2 * 2**20)
     serve.add_argument("--no-batching", action="store_true", help="one forward pass per stream")
-    serve.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    serve.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads for the model (default: all cores but one, left to the event loop)")
     add_checkpoint_args(serve)
     serve.set_defaults(func=_serve)
 
@@ -144,6 +141,7 @@ def register(subparsers) -> None:
     stream.add_argument("--teacher-frames", type=int, default=81,
                         help="clip length for student vs teacher (81: Wan's 5 s clip)")
     stream.add_argument("--prompt", action="append", default=[], help="prompts (repeatable)")
-    stream.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    stream.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); the server part uses one fewer, as `serve` does")
     add_checkpoint_args(stream)
     stream.set_defaults(func=_bench_stream)

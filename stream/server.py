@@ -20,6 +20,7 @@ from http import HTTPStatus
 from importlib.resources import files
 from urllib.parse import parse_qs, urlsplit
 
+import torch
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -62,6 +63,10 @@ class ServerConfig:
     batching: bool = True
     jpeg_quality: int = 85
     auth_timeout_s: float = 10.0
+    # torch CPU threads while serving. None: all but one, which the event loop (websocket, JPEG
+    # hand-off) needs: with every core in torch, each small parallel op stalls on the thread the
+    # loop preempted, and a 2-core CPU streams at half the rate (`causvid bench stream`).
+    model_threads: int | None = None
 
 
 class StreamServer:
@@ -71,10 +76,13 @@ class StreamServer:
         self.pipe = pipe
         self.config = config or ServerConfig()
         block = 1 + 4 * pipe.config.block_frames  # the most frames one block queues at once
+        if self.config.model_threads is not None and self.config.model_threads < 1:
+            raise ValueError(f"model_threads must be >= 1, got {self.config.model_threads}")
         if self.config.max_queue_frames < block:
             raise ValueError(f"max_queue_frames must hold a whole block ({block} frames), got {self.config.max_queue_frames}")
         self.engine = Engine(pipe, self.config.batching, self.config.jpeg_quality)
         self.connections: set[ServerConnection] = set()
+        self._threads_before: int | None = None
         self._ids = itertools.count(1)
         self._web = {path: ((files("stream") / "web" / name).read_bytes(), kind) for path, (name, kind) in WEB_FILES.items()}
         self._server: Server | None = None
@@ -82,6 +90,9 @@ class StreamServer:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> "StreamServer":
+        if self.pipe.device.type == "cpu":
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.config.model_threads or max(1, self._threads_before - 1))
         self.engine.start()
         limit = self.config.limits.max_message_bytes
         self._server = await serve(
@@ -106,6 +117,9 @@ class StreamServer:
             await self._server.wait_closed()
             self._server = None
         await self.engine.close()
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     @property
     def port(self) -> int:

@@ -326,3 +326,24 @@ def test_http_page_healthz_and_404(tiny_pipeline):
     assert script[0] == 200 and b"CVF1" in script[2]
     assert health[0] == 200 and json.loads(health[2]) == {"status": "ok", "sessions": 0, "connections": 0, "max_sessions": 4}
     assert missing[0] == 404
+
+
+def test_server_leaves_one_core_to_the_event_loop_and_restores_threads(tiny_pipeline):
+    import torch
+
+    async def threads_while_serving(**config) -> int:
+        async with serving(tiny_pipeline, **config):
+            return torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert run(threads_while_serving()) == 1  # default: all cores but one
+        assert torch.get_num_threads() == 2  # restored on close
+        assert run(threads_while_serving(model_threads=2)) == 2
+        torch.set_num_threads(1)
+        assert run(threads_while_serving()) == 1  # never fewer than one
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="model_threads"):
+        StreamServer(tiny_pipeline, ServerConfig(port=0, model_threads=0))
