@@ -9,6 +9,7 @@ and compared with this machine's matmul throughput measured in the same run.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import resource
 import sys
@@ -52,7 +53,8 @@ async def _stream(url: str, prompt: str, seed: int, seconds: float, min_blocks: 
         while time.time() - t_start < seconds or status.get("blocks", 0) < min_blocks:
             message = await client.recv(60.0)
             if isinstance(message, Frame):
-                frames.append(message)
+                # Headers and times only: kept JPEGs grew the measured RSS by 65 MB in a 10-minute run.
+                frames.append(dataclasses.replace(message, jpeg=b""))
             elif message["type"] == "status":
                 status = message
         return t_start, frames, status
@@ -91,12 +93,13 @@ async def _aggregate_fps(url: str, clients: int, seconds: float, prompts: tuple[
 
 
 async def _serve_and_measure(pipe: CausVidPipeline, seconds: float, single_seconds: float, clients: tuple[int, ...],
-                             prompts: tuple[str, ...]) -> dict:
-    config = ServerConfig(port=0, max_sessions=max(clients) + 1, max_queue_frames=1024)
+                             prompts: tuple[str, ...], server_threads: int | None) -> dict:
+    config = ServerConfig(port=0, max_sessions=max(clients) + 1, max_queue_frames=1024, model_threads=server_threads)
     k = pipe.config.block_frames
     # Long enough for the rolling cache to fill and evict.
     min_blocks = (pipe.config.sink_frames + pipe.config.window_frames) // k + 3
     async with StreamServer(pipe, config) as server:
+        threads = torch.get_num_threads()
         await _stream(server.ws_url, prompts[0], 0, 0.0, min_blocks=1)  # warm-up: first-call costs are not streaming
         await server.engine.call(lambda: None)  # the warm-up's block still in flight finishes first
         rss_start = _rss_mb()
@@ -114,7 +117,7 @@ async def _serve_and_measure(pipe: CausVidPipeline, seconds: float, single_secon
                 row["batched_fps" if batching else "unbatched_fps"] = await _aggregate_fps(server.ws_url, n, seconds, prompts)
             row["batching_speedup"] = row["batched_fps"] / row["unbatched_fps"] if row["unbatched_fps"] else None
             concurrency[str(n)] = row
-    return {"single": single, "v2v": v2v_record, "memory": memory, "concurrency": concurrency}
+    return {"server_threads": threads, "single": single, "v2v": v2v_record, "memory": memory, "concurrency": concurrency}
 
 
 def _student_vs_teacher(pipe: CausVidPipeline, prompts: tuple[str, ...], frames: int) -> dict:
@@ -196,11 +199,12 @@ def _teacher_flops_per_frame(pipe: CausVidPipeline, prompt: str, frames: int) ->
 
 def bench_pipeline(pipe: CausVidPipeline, seconds: float = 10.0, clients: tuple[int, ...] = (1, 2, 4),
                    teacher_frames: int = 81, prompts: tuple[str, ...] = DEFAULT_PROMPTS,
-                   single_seconds: float | None = None) -> dict:
+                   single_seconds: float | None = None, server_threads: int | None = None) -> dict:
     """The whole benchmark on a loaded pipeline.
 
     `seconds` is each concurrency stream's length; `single_seconds` (default: `seconds`) that of the
     one-client stream behind time to first frame, latency and flatness, e.g. 600 for 10 minutes.
+    `server_threads` is the server's `model_threads` (default: all cores but one, as `causvid serve`).
     """
     single_seconds = seconds if single_seconds is None else single_seconds
     if min(seconds, single_seconds) <= 0 or not clients or min(clients) < 1 or teacher_frames < 1:
@@ -214,7 +218,7 @@ def bench_pipeline(pipe: CausVidPipeline, seconds: float = 10.0, clients: tuple[
         "seconds": seconds,
         "single_seconds": single_seconds,
     }
-    record.update(asyncio.run(_serve_and_measure(pipe, seconds, single_seconds, tuple(clients), prompts)))
+    record.update(asyncio.run(_serve_and_measure(pipe, seconds, single_seconds, tuple(clients), prompts, server_threads)))
     record["student_vs_teacher"] = _student_vs_teacher(pipe, prompts, teacher_frames)
     flops = _denoiser_flops(pipe, prompts[0])
     flops["matmul_flops_per_s"] = _matmul_flops_per_s(pipe.denoiser.transformer.dtype, pipe.device)

@@ -85,7 +85,7 @@ def _bench_stream(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
     record = run_stream_bench(
         args.checkpoint, args.device, seconds=args.seconds, single_seconds=args.single_seconds, clients=tuple(args.clients),
-        teacher_frames=args.teacher_frames, prompts=args.prompt or None,
+        teacher_frames=args.teacher_frames, prompts=args.prompt or None, server_threads=args.server_threads,
     )
     print(json.dumps(record))
 
@@ -142,6 +142,8 @@ def register(subparsers) -> None:
                         help="clip length for student vs teacher (81: Wan's 5 s clip)")
     stream.add_argument("--prompt", action="append", default=[], help="prompts (repeatable)")
     stream.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice); the server part uses one fewer, as `serve` does")
+                        help="torch CPU threads for the direct student and teacher runs (default: torch's choice)")
+    stream.add_argument("--server-threads", type=int, default=None,
+                        help="the server's torch threads (default: one fewer, as `causvid serve` does)")
     add_checkpoint_args(stream)
     stream.set_defaults(func=_bench_stream)

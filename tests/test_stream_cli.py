@@ -81,11 +81,11 @@ def test_serve_answers_healthz_and_stops_on_sigterm(tiny_checkpoint):
 
 def test_bench_stream_prints_one_json_record(tiny_checkpoint, capsys):
     assert main(["bench", "stream", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--seconds", "1",
-                 "--single-seconds", "1.5", "--clients", "2", "--teacher-frames", "5"]) == 0
+                 "--single-seconds", "1.5", "--clients", "2", "--teacher-frames", "5", "--server-threads", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     record = json.loads(lines[0])
-    assert (record["seconds"], record["single_seconds"]) == (1.0, 1.5)
+    assert (record["seconds"], record["single_seconds"], record["server_threads"]) == (1.0, 1.5, 1)
     single = record["single"]
     assert single["frames"] >= 5 + 4 * 8 and single["in_order"] and single["steady_fps"] > 0  # >= 5 blocks
     assert 0 < single["time_to_first_frame_ms"] < 60_000
