@@ -65,7 +65,7 @@ class ServerConfig:
     auth_timeout_s: float = 10.0
     # torch CPU threads while serving. None: all but one, which the event loop (websocket, JPEG
     # hand-off) needs: with every core in torch, each small parallel op stalls on the thread the
-    # loop preempted, and a 2-core CPU streams at half the rate (`causvid bench stream`).
+    # loop preempted: half the FPS on 2 cores (`causvid bench stream --server-threads 2`).
     model_threads: int | None = None
 
 

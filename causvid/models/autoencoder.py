@@ -69,8 +69,8 @@ class VideoAutoencoder(torch.nn.Module):
     def channels_last(self) -> "VideoAutoencoder":
         """Keep conv weights channels-last, the layout oneDNN convolves fastest (inference).
 
-        Activations follow the weights' layout, so a bf16 decode on CPU runs about 1.7x faster
-        (`causvid bench stream`). Values are unchanged, and saving writes contiguous tensors.
+        Activations follow the weights' layout, so oneDNN need not reorder them around each
+        convolution. Values are unchanged; saving writes contiguous tensors.
         """
         for module in self.vae.modules():
             if isinstance(module, torch.nn.Conv3d):
