@@ -173,9 +173,12 @@ class BlockGenerator:
         latents = clean if self._prefix is None else torch.cat([self._prefix, clean], dim=2)
         self._prefix = None
         limit = self.inputs if self.mode == "v2v" else self.request.max_frames
-        if limit is not None and self.frames >= limit:
-            return  # past the end of the stream: nothing left to show
-        for pixels in self.pipe.autoencoder.iter_decode_stream(self.decoder, latents):
+        decoded = self.pipe.autoencoder.iter_decode_stream(self.decoder, latents)
+        # Checked before each latent frame is decoded: past the end of the stream, none is.
+        while limit is None or self.frames < limit:
+            pixels = next(decoded, None)
+            if pixels is None:
+                return
             frames = to_uint8(pixels)
             if limit is not None:
                 frames = frames[: limit - self.frames]
@@ -194,8 +197,6 @@ class BlockGenerator:
             )
             self._events = []
             self.frames += len(frames)
-            if limit is not None and self.frames >= limit:
-                return  # the end of the stream: the rest of the block is never decoded
 
     def block_end(self) -> BlockOutput:
         """After a block is decoded and committed: its status, and whether the stream is done."""
