@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from causvid.checkpoint import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from causvid.data.shapes import ShapesWorld, random_caption, scene_from_json
-from causvid.models.autoencoder import VideoAutoencoder
+from causvid.models.autoencoder import TEMPORAL_FACTOR, VideoAutoencoder
 from causvid.models.denoiser import WanDenoiser
 from causvid.pipeline import CausVidPipeline, PipelineConfig, to_uint8
 from causvid.presets import build_autoencoder, build_transformer, preset
@@ -44,16 +44,32 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1 / max(mse, 1e-12))
 
 
+def object_pixels(video: torch.Tensor) -> torch.Tensor:
+    """Bool [B, 1, T, H, W]: pixels that differ from their frame's median colour (the background)."""
+    background = video.flatten(3).median(dim=3).values[..., None, None]
+    return (video - background).abs().sum(dim=1, keepdim=True) > 0.1
+
+
 def object_weights(video: torch.Tensor, weight: float) -> torch.Tensor:
     """Per-pixel loss weights [B, 1, T, H, W]: 1 on background, 1 + weight on objects.
 
     Objects cover 3-6% of the pixels, so an unweighted loss learns the background first and
-    the objects last. A pixel belongs to an object when it differs from its frame's median
-    colour (the background).
+    the objects last.
     """
-    background = video.flatten(3).median(dim=3).values[..., None, None]
-    foreground = (video - background).abs().sum(dim=1, keepdim=True) > 0.1
-    return 1 + weight * foreground.float()
+    return 1 + weight * object_pixels(video).float()
+
+
+def latent_object_mask(video: torch.Tensor, spatial_factor: int) -> torch.Tensor:
+    """Bool [B, F, H/s, W/s]: the latent cells of a clip (1 + 4k frames) that hold an object.
+
+    A cell counts when any pixel it encodes does (the first latent frame encodes one frame,
+    later ones four), dilated by one cell because the autoencoder's convolutions spread edges.
+    """
+    pixels = object_pixels(video).float()
+    s = spatial_factor
+    cells = torch.cat([F.max_pool3d(pixels[:, :, :1], (1, s, s)),
+                       F.max_pool3d(pixels[:, :, 1:], (TEMPORAL_FACTOR, s, s))], dim=2)
+    return F.max_pool3d(cells, (1, 3, 3), stride=1, padding=(0, 1, 1))[:, 0] > 0
 
 
 class AutoencoderObjective(Objective):
@@ -139,11 +155,12 @@ class LatentBank(torch.utils.data.Dataset):
     """Shapes-world clips encoded once by a frozen autoencoder, so the teacher trains on latents.
 
     Item i is bank entry i mod N with a caption drawn afresh from (seed, i): the same clip is
-    described in different words on every pass.
+    described in different words on every pass. Each entry also keeps its object mask on the
+    latent grid (`latent_object_mask`) for an object-weighted loss.
     """
 
-    def __init__(self, latents: torch.Tensor, scenes: list[str], seed: int):
-        self.latents, self.scenes, self.seed = latents, scenes, seed
+    def __init__(self, latents: torch.Tensor, object_masks: torch.Tensor, scenes: list[str], seed: int):
+        self.latents, self.object_masks, self.scenes, self.seed = latents, object_masks, scenes, seed
 
     def __len__(self) -> int:
         return 10**9
@@ -151,37 +168,50 @@ class LatentBank(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         entry = index % len(self.latents)
         caption = random_caption(scene_from_json(self.scenes[entry]), np.random.default_rng([self.seed, index]))
-        return {"latents": self.latents[entry].float(), "caption": caption}
+        return {"latents": self.latents[entry].float(), "object_mask": self.object_masks[entry], "caption": caption}
 
     @classmethod
     @torch.no_grad()
     def build_or_load(cls, path: Path, autoencoder: VideoAutoencoder, data: dict, size: int, seed: int) -> "LatentBank":
-        """Load the bank at `path` (.safetensors + .json scenes) if present, else encode `size` clips."""
-        scenes_path = path.with_suffix(".json")
-        if path.exists() and scenes_path.exists():
-            return cls(load_tensors(path)["latents"], read_json(scenes_path)["scenes"], seed)
+        """Load the bank at `path` (.safetensors + .json scenes) if present, else encode `size` clips.
+
+        A bank saved before object masks existed gets them added: the world re-renders its
+        clips exactly (item i is a pure function of the seed and i), so nothing is re-encoded.
+        """
         from tqdm import tqdm
 
-        world = build_dataset(data)
-        latents, scenes = [], []
-        for start in tqdm(range(0, size, 16), desc="encoding latent bank", unit="batch"):
-            items = [world[i] for i in range(start, min(size, start + 16))]
-            latents.append(autoencoder.encode(torch.stack([it["video"] for it in items])).to(torch.bfloat16))
-            scenes.extend(it["scene"] for it in items)
-        atomic_write_json(scenes_path, {"scenes": scenes})
-        atomic_save_tensors(path, {"latents": torch.cat(latents)})
-        return cls(torch.cat(latents), scenes, seed)
+        scenes_path = path.with_suffix(".json")
+        saved = load_tensors(path) if path.exists() and scenes_path.exists() else {}
+        if "object_masks" not in saved:
+            size = len(saved["latents"]) if "latents" in saved else size
+            world = build_dataset(data)
+            latents, masks, scenes = [], [], []
+            for start in tqdm(range(0, size, 16), desc="building latent bank", unit="batch"):
+                items = [world[i] for i in range(start, min(size, start + 16))]
+                video = torch.stack([it["video"] for it in items])
+                masks.append(latent_object_mask(video, autoencoder.spatial_factor))
+                if "latents" not in saved:
+                    latents.append(autoencoder.encode(video).to(torch.bfloat16))
+                    scenes.extend(it["scene"] for it in items)
+            if "latents" not in saved:
+                saved["latents"] = torch.cat(latents)
+                atomic_write_json(scenes_path, {"scenes": scenes})
+            saved["object_masks"] = torch.cat(masks)
+            atomic_save_tensors(path, saved)
+        return cls(saved["latents"], saved["object_masks"], read_json(scenes_path)["scenes"], seed)
 
 
 class TeacherObjective(Objective):
     """Flow matching of the bidirectional teacher on latents, with caption dropout for CFG.
 
     `init_from` names a pipeline directory whose teacher/ starts the run (a warm start).
+    `object_weight` > 0 weights the latent cells that hold an object by 1 + object_weight, as
+    the autoencoder's loss does with pixels: objects are a few cells of a mostly flat frame.
     """
 
     def __init__(self, config, autoencoder: str, preset_name: str = "shapes", caption_dropout: float = 0.1,
                  bank_size: int = 4096, sample_steps: int = 50, sample_prompts: list[str] | None = None,
-                 init_from: str | None = None):
+                 init_from: str | None = None, object_weight: float = 0.0):
         self.config = config
         self.preset_name = preset_name
         self.pipeline_config = PipelineConfig(**preset(preset_name)["pipeline"])
@@ -194,6 +224,7 @@ class TeacherObjective(Objective):
         else:
             self.denoiser = WanDenoiser(build_transformer(preset_name, config.seed), block_frames).train()
         self.caption_dropout = caption_dropout
+        self.object_weight = object_weight
         self.bank_size = bank_size
         self.sample_steps = sample_steps
         self.sample_prompts = sample_prompts or [
@@ -221,7 +252,9 @@ class TeacherObjective(Objective):
         # Sample levels through the shifted schedule, matching where the sampler spends its steps.
         sigma = shift_sigma(torch.rand(batch_size, generator=generator), self.pipeline_config.shift)
         velocity = models["teacher"](add_noise(x0, noise, sigma), sigma, text)
-        loss = F.mse_loss(velocity.float(), velocity_target(x0, noise))
+        weights = 1 + self.object_weight * batch["object_mask"][:, None].float()
+        error = (velocity.float() - velocity_target(x0, noise)).square()
+        loss = (error * weights).mean() / weights.mean()
         return {"teacher": (loss, {})}
 
     def pipeline(self, teacher: WanDenoiser) -> CausVidPipeline:

@@ -104,7 +104,7 @@ def test_teacher_objective_trains_and_exports_a_pipeline(tmp_path):
         "lr": {"teacher": 1e-4}, "log_every": 1, "sample_every": 3, "checkpoint_every": 3,
         "data": {"type": "shapes", "num_frames": 9, "height": 32, "width": 32, "seed": 0},
         "objective_args": {"autoencoder": str(tmp_path / "ae" / "export"), "preset_name": "tiny", "bank_size": 4,
-                           "sample_steps": 2, "sample_prompts": ["a red circle"]},
+                           "sample_steps": 2, "sample_prompts": ["a red circle"], "object_weight": 10.0},
     }
     path = tmp_path / "teacher.yaml"
     path.write_text(yaml.safe_dump(teacher))
@@ -161,3 +161,40 @@ def test_decoder_only_fine_tuning_keeps_the_encoder(tmp_path):
     after = _weights(tmp_path / "second")
     assert all(torch.equal(start[k], after[k]) for k in start if k.startswith("vae.encoder."))
     assert any(not torch.equal(start[k], after[k]) for k in start if k.startswith("vae.decoder."))
+
+
+def test_latent_object_mask_marks_the_cells_an_object_covers():
+    from causvid.objectives import latent_object_mask
+
+    video = -torch.ones(1, 3, 5, 32, 32)  # black, 5 frames -> 2 latent frames of 8x8 cells (s=4)
+    video[:, :, 0, 0:4, 0:4] = 1.0  # frame 0: object in cell (0, 0)
+    video[:, :, 3, 16:20, 24:28] = 1.0  # frame 3 (latent frame 1): object in cell (4, 6)
+    mask = latent_object_mask(video, spatial_factor=4)
+    assert mask.shape == (1, 2, 8, 8) and mask.dtype == torch.bool
+    first, second = torch.zeros(8, 8, dtype=torch.bool), torch.zeros(8, 8, dtype=torch.bool)
+    first[0:2, 0:2] = True  # the cell and its one-cell dilation, clipped at the border
+    second[3:6, 5:8] = True
+    assert torch.equal(mask[0, 0], first) and torch.equal(mask[0, 1], second)
+
+
+def test_a_bank_saved_without_object_masks_gains_them_without_re_encoding(tmp_path):
+    from causvid.checkpoint import atomic_save_tensors, atomic_write_json
+    from causvid.data.shapes import ShapesWorld
+    from causvid.objectives import LatentBank, latent_object_mask
+    from causvid.presets import build_autoencoder
+
+    data = {"type": "shapes", "num_frames": 9, "height": 32, "width": 32, "seed": 3}
+    autoencoder = build_autoencoder("tiny")
+    path = tmp_path / "latent_bank.safetensors"
+    fresh = LatentBank.build_or_load(path, autoencoder, data, size=3, seed=0)
+    atomic_save_tensors(path, {"latents": fresh.latents})  # the old format: latents and scenes only
+    atomic_write_json(path.with_suffix(".json"), {"scenes": fresh.scenes})
+
+    autoencoder.encode = None  # re-encoding would fail
+    upgraded = LatentBank.build_or_load(path, autoencoder, data, size=99, seed=0)
+    world = ShapesWorld(num_frames=9, height=32, width=32, seed=3)
+    expected = latent_object_mask(torch.stack([world[i]["video"] for i in range(3)]), autoencoder.spatial_factor)
+    assert torch.equal(upgraded.object_masks, expected) and torch.equal(upgraded.latents, fresh.latents)
+    assert expected.any() and "object_masks" in load_tensors(path)
+    item = upgraded[4]  # entry 4 mod 3, with its mask
+    assert torch.equal(item["object_mask"], expected[1])
