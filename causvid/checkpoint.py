@@ -5,11 +5,14 @@ Loading never reaches a model hub: paths must exist locally.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -48,6 +51,12 @@ def load_diffusers_model(cls, path: str | Path, **kwargs):
         raise CheckpointError(f"{path}: does not match {cls.__name__}: {_one_line(error)}") from None
 
 
+def save_diffusers_model(model, path: str | Path) -> None:
+    """`model.save_pretrained(path)` in safetensors, replacing the directory atomically."""
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+
+
 def check_safetensors(file: Path) -> None:
     """Raise `CheckpointError` unless `file` is a readable safetensors file."""
     try:
@@ -63,14 +72,44 @@ def check_safetensors(file: Path) -> None:
         raise CheckpointError(f"{file}: corrupt safetensors file ({_one_line(error)})") from None
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _temporary_beside(path: Path) -> str:
     """A temporary file next to `path`, with the permissions a plain open() would give."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes files private (0600)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes files private (0600)
     os.close(fd)
     return tmp
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of directory `path` to write into; on success it replaces `path`.
+
+    A reader never sees a half-written directory: a failed or killed write leaves the old one
+    in place (a kill between the two renames leaves it under a hidden `.NAME.*.old` name). Files
+    get the permissions a plain open() would give; some writers (diffusers) make them private.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        umask = _umask()
+        for item in [tmp, *tmp.rglob("*")]:
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+        old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+        if path.exists():
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -109,7 +109,7 @@ def _train(args: argparse.Namespace) -> None:
 def _convert(args: argparse.Namespace) -> None:
     import torch
 
-    from causvid.checkpoint import CheckpointError, load_diffusers_model, read_json
+    from causvid.checkpoint import CheckpointError, load_diffusers_model, read_json, save_diffusers_model
     from causvid.pipeline import load_pipeline
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -123,7 +123,7 @@ def _convert(args: argparse.Namespace) -> None:
         name = read_json(args.source / "config.json").get("_class_name")
         if name not in classes:
             raise CheckpointError(f"{args.source / 'config.json'}: cannot convert a {name!r}")
-        load_diffusers_model(classes[name], args.source).to(dtype).save_pretrained(args.destination)
+        save_diffusers_model(load_diffusers_model(classes[name], args.source).to(dtype), args.destination)
     print(f"wrote {args.destination} ({args.dtype})")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +127,23 @@ def test_convert_a_single_model_directory(tiny_checkpoint, tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
     assert main(["convert", str(tmp_path / "other"), str(tmp_path / "x")]) == 2
+
+
+def test_a_failed_save_leaves_the_previous_model_whole(tiny_pipeline, tmp_path, monkeypatch):
+    import stat
+
+    path = tmp_path / "transformer"
+    tiny_pipeline.denoiser.save_pretrained(path)
+    before = {f.name: f.read_bytes() for f in path.iterdir()}
+    assert all(stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044 for f in path.iterdir())  # readable by others
+
+    def interrupted(self, directory, **kwargs):
+        (Path(directory) / "config.json").write_text("{")  # half-written, then the write dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(WanTransformer3DModel, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_pipeline.denoiser.save_pretrained(path)
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["transformer"]  # no temporary left behind
+    WanDenoiser.from_pretrained(path, 2)

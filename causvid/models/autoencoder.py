@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from causvid.checkpoint import load_diffusers_model
+from causvid.checkpoint import load_diffusers_model, save_diffusers_model
 
 TEMPORAL_FACTOR = 4
 
@@ -64,7 +64,7 @@ class VideoAutoencoder(torch.nn.Module):
         return cls(load_diffusers_model(AutoencoderKLWan, path, torch_dtype=torch.float32))
 
     def save_pretrained(self, path: str | Path) -> None:
-        self.vae.save_pretrained(path, safe_serialization=True)
+        save_diffusers_model(self.vae, path)
 
     def channels_last(self) -> "VideoAutoencoder":
         """Keep conv weights channels-last, the layout oneDNN convolves fastest (inference).

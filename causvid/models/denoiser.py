@@ -14,7 +14,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-from causvid.checkpoint import load_diffusers_model
+from causvid.checkpoint import load_diffusers_model, save_diffusers_model
 from causvid.models.attention import (
     AttentionContext,
     CachedCrossAttnProcessor,
@@ -92,7 +92,7 @@ class WanDenoiser(torch.nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a plain diffusers `WanTransformer3DModel` directory (config.json + safetensors)."""
-        self.transformer.save_pretrained(path, safe_serialization=True)
+        save_diffusers_model(self.transformer, path)
 
     @property
     def config(self):
