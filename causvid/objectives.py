@@ -207,6 +207,8 @@ class TeacherObjective(Objective):
     `init_from` names a pipeline directory whose teacher/ starts the run (a warm start).
     `object_weight` > 0 weights the latent cells that hold an object by 1 + object_weight, as
     the autoencoder's loss does with pixels: objects are a few cells of a mostly flat frame.
+    Objects are found against a flat background (`object_pixels`), so this suits the shapes
+    world, not footage; 0 (the default) is the plain loss.
     """
 
     def __init__(self, config, autoencoder: str, preset_name: str = "shapes", caption_dropout: float = 0.1,
