@@ -183,17 +183,18 @@ class LatentBank(torch.utils.data.Dataset):
         scenes_path = path.with_suffix(".json")
         saved = load_tensors(path) if path.exists() and scenes_path.exists() else {}
         if "object_masks" not in saved:
-            size = len(saved["latents"]) if "latents" in saved else size
+            encode = "latents" not in saved
+            size = size if encode else len(saved["latents"])
             world = build_dataset(data)
             latents, masks, scenes = [], [], []
             for start in tqdm(range(0, size, 16), desc="building latent bank", unit="batch"):
                 items = [world[i] for i in range(start, min(size, start + 16))]
                 video = torch.stack([it["video"] for it in items])
                 masks.append(latent_object_mask(video, autoencoder.spatial_factor))
-                if "latents" not in saved:
+                if encode:
                     latents.append(autoencoder.encode(video).to(torch.bfloat16))
                     scenes.extend(it["scene"] for it in items)
-            if "latents" not in saved:
+            if encode:
                 saved["latents"] = torch.cat(latents)
                 atomic_write_json(scenes_path, {"scenes": scenes})
             saved["object_masks"] = torch.cat(masks)
