@@ -58,11 +58,12 @@ class TextEncoder:
         if missing:
             for prompt, states in zip(missing, self._encode_uncached(missing)):
                 self._cache[prompt] = states
+        embeddings = torch.stack([self._cache[p] for p in prompts])
         for prompt in prompts:
             self._cache.move_to_end(prompt)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-        return torch.stack([self._cache[p] for p in prompts])
+        return embeddings
 
     def cache_info(self) -> dict[str, int]:
         return {"cached_prompts": len(self._cache), "cache_size": self.cache_size}

@@ -31,6 +31,10 @@ def test_prompt_cache_hits_and_evicts():
     assert encoder.cache_info()["cached_prompts"] == 2
     encoder.encode("a blue square")  # evicted by the two newer prompts
     assert calls[-1] == ["a blue square"]
+    # One call with more distinct prompts than the cache holds still returns them all.
+    many = encoder.encode(["one", "two", "three", "one"])
+    assert many.shape[0] == 4 and torch.equal(many[0], many[3])
+    assert encoder.cache_info()["cached_prompts"] == 2
 
 
 def test_bad_text_encoder_specs(tmp_path):
