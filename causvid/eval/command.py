@@ -30,6 +30,8 @@ def autoencoder_round_trip(autoencoder, psnrs: list[float]):
 
 def _eval(args: argparse.Namespace) -> None:
     cases = default_prompt_set(num_seen=args.num_seen)
+    if args.word_probe:
+        return _word_probe(args, cases)
     generate, transform, height, width = None, None, 64, 64
     psnrs: list[float] = []
     if args.autoencoder is not None:
@@ -77,6 +79,26 @@ def _eval(args: argparse.Namespace) -> None:
         print(json.dumps(report["splits"]))
 
 
+def _word_probe(args: argparse.Namespace, cases) -> None:
+    from causvid.checkpoint import CheckpointError
+    from causvid.eval.word_probe import format_probe, probe_words
+    from causvid.pipeline import load_pipeline
+
+    pipe = load_pipeline(args.checkpoint, args.device)
+    denoiser = pipe.teacher if args.teacher else pipe.denoiser
+    if denoiser is None:
+        raise CheckpointError("this checkpoint has no teacher/ directory")
+    report = probe_words(denoiser, pipe.text_encoder, pipe.autoencoder, cases, num_frames=args.frames,
+                         height=pipe.config.height, width=pipe.config.width, causal=not args.teacher,
+                         seed=args.seeds[0])
+    report["model"] = {"checkpoint": str(args.checkpoint or "shipped"),
+                       "denoiser": "teacher" if args.teacher else "student"}
+    print(format_probe(report))
+    if args.output:
+        atomic_write_json(args.output, report)
+        print(f"wrote {args.output}")
+
+
 def register(subparsers) -> None:
     from causvid.cli import add_checkpoint_args
 
@@ -95,4 +117,7 @@ def register(subparsers) -> None:
     parser.add_argument("--sheet", type=Path, default=None, help="write a contact-sheet PNG here")
     parser.add_argument("--sheet-rows", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="also print the split means as one JSON line")
+    parser.add_argument("--word-probe", action="store_true",
+                        help="instead of sampling, measure how much each caption word (colour, shape, size, motion, "
+                             "background) changes the denoiser's loss on ground-truth clips")
     parser.set_defaults(func=_eval)
