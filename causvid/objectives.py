@@ -50,13 +50,30 @@ def object_pixels(video: torch.Tensor) -> torch.Tensor:
     return (video - background).abs().sum(dim=1, keepdim=True) > 0.1
 
 
-def object_weights(video: torch.Tensor, weight: float) -> torch.Tensor:
+def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    """A float mask [B, 1, T, H, W] grown by `pixels` in every direction within each frame."""
+    if pixels <= 0:
+        return mask
+    k = 2 * pixels + 1
+    return F.max_pool3d(mask, (1, k, k), stride=1, padding=(0, pixels, pixels))
+
+
+def object_weights(video: torch.Tensor, weight: float, margin: int = 0) -> torch.Tensor:
     """Per-pixel loss weights [B, 1, T, H, W]: 1 on background, 1 + weight on objects.
 
     Objects cover 3-6% of the pixels, so an unweighted loss learns the background first and
-    the objects last.
+    the objects last. Weighting the object alone also makes a blurred edge cheapest on the
+    background side, so objects come out dilated; `margin` > 0 extends the weight that many
+    pixels past each object, so both sides of an edge weigh the same.
     """
-    return 1 + weight * object_pixels(video).float()
+    return 1 + weight * dilate(object_pixels(video).float(), margin)
+
+
+def edge_distance(video: torch.Tensor, max_distance: int) -> torch.Tensor:
+    """Long [B, 1, T, H, W]: 0 on objects, k on background k pixels from one (chessboard distance,
+    up to `max_distance`), max_distance + 1 farther away."""
+    objects = object_pixels(video).float()
+    return sum((1 - dilate(objects, k)).long() for k in range(max_distance + 1))
 
 
 def latent_object_mask(video: torch.Tensor, spatial_factor: int) -> torch.Tensor:
@@ -69,7 +86,7 @@ def latent_object_mask(video: torch.Tensor, spatial_factor: int) -> torch.Tensor
     s = spatial_factor
     cells = torch.cat([F.max_pool3d(pixels[:, :, :1], (1, s, s)),
                        F.max_pool3d(pixels[:, :, 1:], (TEMPORAL_FACTOR, s, s))], dim=2)
-    return F.max_pool3d(cells, (1, 3, 3), stride=1, padding=(0, 1, 1))[:, 0] > 0
+    return dilate(cells, 1)[:, 0] > 0
 
 
 class AutoencoderObjective(Objective):
@@ -85,8 +102,8 @@ class AutoencoderObjective(Objective):
     """
 
     def __init__(self, config, preset_name: str = "shapes", kl_weight: float = 1e-6, object_weight: float = 10.0,
-                 stats_clips: int = 64, init_from: str | None = None, freeze_encoder: bool = False,
-                 context_frames: tuple[int, ...] = (0,), target_frames: int = 16):
+                 object_margin: int = 0, stats_clips: int = 64, init_from: str | None = None,
+                 freeze_encoder: bool = False, context_frames: tuple[int, ...] = (0,), target_frames: int = 16):
         self.config = config
         self.context_frames = tuple(context_frames)
         self.target_frames = target_frames
@@ -97,11 +114,13 @@ class AutoencoderObjective(Objective):
             self.autoencoder = VideoAutoencoder.from_pretrained(init_from).train()
         else:
             self.autoencoder = build_autoencoder(preset_name, config.seed).train()
+        self.freeze_encoder = freeze_encoder
         if freeze_encoder:
             self.autoencoder.vae.encoder.requires_grad_(False)
             self.autoencoder.vae.quant_conv.requires_grad_(False)
         self.kl_weight = kl_weight
         self.object_weight = object_weight
+        self.object_margin = object_margin
         self.stats_clips = stats_clips
 
     def trainable(self):
@@ -119,7 +138,7 @@ class AutoencoderObjective(Objective):
         video = batch["video"][:, :, : self._clip_frames(context)]
         reconstruction, posterior = models["autoencoder"](video, context)
         video = video[:, :, context:]
-        weights = object_weights(video, self.object_weight)
+        weights = object_weights(video, self.object_weight, self.object_margin)
         error = reconstruction.float() - video
         recon = ((error.abs() + error.square()) * weights).mean() / weights.mean()
         kl = posterior.kl().mean() / video[0].numel()
@@ -141,14 +160,19 @@ class AutoencoderObjective(Objective):
 
     @torch.no_grad()
     def export(self, ema, out_dir):
-        """Save with per-channel latent statistics measured on shapes-world clips."""
+        """Save with per-channel latent statistics measured on shapes-world clips.
+
+        A frozen encoder keeps the statistics it was loaded with, so latents normalised for a
+        teacher stay exactly as they were.
+        """
         autoencoder: VideoAutoencoder = ema["autoencoder"]
-        clips = self._fixed_clips(self.stats_clips)
-        latents = torch.cat([autoencoder.vae.encode(c).latent_dist.mode() for c in clips.split(1)])
-        mean = latents.mean(dim=(0, 2, 3, 4))
-        std = latents.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
-        autoencoder.vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
-        VideoAutoencoder(autoencoder.vae).save_pretrained(out_dir)
+        if not self.freeze_encoder:
+            clips = self._fixed_clips(self.stats_clips)
+            latents = torch.cat([autoencoder.vae.encode(c).latent_dist.mode() for c in clips.split(1)])
+            mean = latents.mean(dim=(0, 2, 3, 4))
+            std = latents.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
+            autoencoder.vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+        autoencoder.save_pretrained(out_dir)
 
 
 class LatentBank(torch.utils.data.Dataset):

@@ -150,10 +150,14 @@ def test_ema_warms_up_then_uses_its_decay():
     assert ema.shadow["weight"].item() == pytest.approx(0.9 + 0.1 * 0.001)
 
 
-def test_decoder_only_fine_tuning_keeps_the_encoder(tmp_path):
+def test_decoder_only_fine_tuning_keeps_the_encoder_and_its_latent_statistics(tmp_path):
     first = _config(tmp_path, "first", max_steps=1)
     assert main(["train", "autoencoder", "--config", str(first)]) == 0
     export = tmp_path / "first" / "export"
+    # Statistics a re-measurement would not give (e.g. measured at another precision): kept as they are.
+    config = json.loads((export / "config.json").read_text())
+    stats = {"latents_mean": [0.5] * len(config["latents_mean"]), "latents_std": [2.0] * len(config["latents_std"])}
+    (export / "config.json").write_text(json.dumps(config | stats))
     args = TINY_AE["objective_args"] | {"init_from": str(export), "freeze_encoder": True}
     second = _config(tmp_path, "second", max_steps=2, objective_args=args)
     assert main(["train", "autoencoder", "--config", str(second)]) == 0
@@ -161,6 +165,22 @@ def test_decoder_only_fine_tuning_keeps_the_encoder(tmp_path):
     after = _weights(tmp_path / "second")
     assert all(torch.equal(start[k], after[k]) for k in start if k.startswith("vae.encoder."))
     assert any(not torch.equal(start[k], after[k]) for k in start if k.startswith("vae.decoder."))
+    exported = json.loads((tmp_path / "second" / "export" / "config.json").read_text())
+    assert {k: exported[k] for k in stats} == stats
+
+
+def test_object_weights_reach_margin_pixels_past_the_object():
+    from causvid.objectives import object_weights
+
+    video = -torch.ones(1, 3, 2, 16, 16)  # black
+    video[:, :, :, 6:9, 6:9] = 1.0  # a 3x3 white object
+    plain = object_weights(video, 10.0)
+    widened = object_weights(video, 10.0, margin=2)
+    expected = torch.ones(16, 16)
+    expected[6:9, 6:9] = 11.0
+    assert torch.equal(plain[0, 0, 1], expected)
+    expected[4:11, 4:11] = 11.0  # two pixels past each edge, the object included
+    assert torch.equal(widened[0, 0, 0], expected) and torch.equal(widened[0, 0, 1], expected)
 
 
 def test_latent_object_mask_marks_the_cells_an_object_covers():
