@@ -6,15 +6,19 @@ import argparse
 import json
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from causvid.checkpoint import atomic_write_json
 from causvid.eval.shapes_bench import contact_sheet, default_prompt_set, format_table, run_bench
 
+if TYPE_CHECKING:
+    from causvid.eval.reconstruction import ReconstructionError
 
-def autoencoder_round_trip(autoencoder, psnrs: list[float]):
-    """uint8 video -> its reconstruction through `autoencoder`; appends each video's PSNR (dB)."""
+
+def autoencoder_round_trip(autoencoder, errors: ReconstructionError):
+    """uint8 video -> its reconstruction through `autoencoder`; adds each video's error to `errors`."""
     import torch
 
-    from causvid.objectives import psnr
     from causvid.pipeline import to_uint8
 
     @torch.no_grad()
@@ -22,7 +26,7 @@ def autoencoder_round_trip(autoencoder, psnrs: list[float]):
         device = next(autoencoder.parameters()).device
         video = (torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1).to(device)
         reconstruction = autoencoder.decode(autoencoder.encode(video))
-        psnrs.append(psnr(reconstruction, video))
+        errors.add(reconstruction, video)
         return to_uint8(reconstruction)
 
     return reconstruct
@@ -33,11 +37,12 @@ def _eval(args: argparse.Namespace) -> None:
     if args.word_probe:
         return _word_probe(args, cases)
     generate, transform, height, width = None, None, 64, 64
-    psnrs: list[float] = []
     if args.autoencoder is not None:
+        from causvid.eval.reconstruction import ReconstructionError
         from causvid.models.autoencoder import VideoAutoencoder
 
-        transform = autoencoder_round_trip(VideoAutoencoder.from_pretrained(args.autoencoder).eval(), psnrs)
+        errors = ReconstructionError()
+        transform = autoencoder_round_trip(VideoAutoencoder.from_pretrained(args.autoencoder).eval(), errors)
     elif not args.ground_truth:
         from causvid.pipeline import load_pipeline
 
@@ -60,8 +65,13 @@ def _eval(args: argparse.Namespace) -> None:
     if args.autoencoder is not None:
         report["source"] = "autoencoder round trip"
         report["model"] = {"autoencoder": str(args.autoencoder), "sampler": "ground truth through the autoencoder"}
-        report["autoencoder_psnr_db"] = sum(psnrs) / len(psnrs)
-        print(f"autoencoder reconstruction PSNR: {report['autoencoder_psnr_db']:.2f} dB over {len(psnrs)} clips")
+        from causvid.eval.reconstruction import format_regions
+
+        reconstruction = errors.report()
+        report["autoencoder_psnr_db"] = reconstruction["psnr_db"]
+        report["autoencoder_error_by_edge_distance"] = reconstruction["by_edge_distance"]
+        print(format_regions(reconstruction))
+        print(f"autoencoder reconstruction PSNR: {reconstruction['psnr_db']:.2f} dB over {reconstruction['clips']} clips")
     else:
         report["model"] = {
             "checkpoint": "ground truth" if args.ground_truth else str(args.checkpoint or "shipped"),
