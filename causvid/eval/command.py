@@ -129,5 +129,5 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="also print the split means as one JSON line")
     parser.add_argument("--word-probe", action="store_true",
                         help="instead of sampling, measure how much each caption word (colour, shape, size, motion, "
-                             "background) changes the denoiser's loss on ground-truth clips")
+                             "direction, background) changes the denoiser's loss on ground-truth clips")
     parser.set_defaults(func=_eval)
