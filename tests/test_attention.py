@@ -83,14 +83,14 @@ def test_rotated_keys_are_reused_until_the_cache_changes(tiny_denoiser):
     text = torch.randn(1, 32, 384)
     _, rollout = _rollout(tiny_denoiser, text, blocks=2, window_frames=3)
     cache = rollout.cache
-    cos, sin = tiny_denoiser.transformer.rope.at(torch.arange(cache.cached_frames), H // 2, W // 2)
-    first = cache.rotated_keys(0, cos, sin)
-    assert cache.rotated_keys(0, cos, sin) is first  # a block's later steps reuse the rotation
+    rotation = tiny_denoiser.transformer.rope.at(torch.arange(cache.cached_frames), H // 2, W // 2)
+    first = cache.rotated_keys(0, rotation)
+    assert cache.rotated_keys(0, rotation) is first  # a block's later steps reuse the rotation
     with torch.no_grad():
         rollout.next_block(text)  # appends a block and evicts one
-    fresh = cache.rotated_keys(0, cos, sin)
+    fresh = cache.rotated_keys(0, rotation)
     assert fresh is not first
-    torch.testing.assert_close(fresh, apply_rotary(cache.keys[0], cos, sin))
+    torch.testing.assert_close(fresh, apply_rotary(cache.keys[0], rotation))
 
 
 def test_sink_frames_stay_visible_after_eviction(tiny_denoiser):

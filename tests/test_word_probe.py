@@ -63,8 +63,9 @@ def test_probe_finds_no_gap_for_a_model_blind_to_text_and_gaps_for_one_that_read
         assert report["clips_per_attribute"]["direction"] == 2  # only PAIR's first object has a direction
         assert report["clips_per_attribute"]["colour"] == 4
         json.dumps(report)
-    assert all(gap == 0.0 for gaps in blind["gap_percent"].values() for gap in gaps.values())
-    assert all(gap != 0.0 for gaps in reading["gap_percent"].values() for gap in gaps.values())
+    # Batches of different sizes round differently, so "no gap" means below 0.001%.
+    assert all(abs(gap) < 1e-3 for gaps in blind["gap_percent"].values() for gap in gaps.values())
+    assert all(abs(gap) > 1e-3 for gaps in reading["gap_percent"].values() for gap in gaps.values())
 
 
 def test_eval_command_runs_the_word_probe(tiny_checkpoint, tmp_path, capsys):

@@ -32,8 +32,8 @@ class FramePositionedRope(WanRotaryPosEmbed):
         super().__init__(rope.attention_head_dim, rope.patch_size, rope.max_seq_len)
         self.frame_positions: torch.Tensor | None = None
 
-    def at(self, frames: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [1, len(frames)*height*width, 1, D] for patch grids at the given frame positions."""
+    def at(self, frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Unit complex rotations [1, len(frames)*height*width, 1, D/2] for patch grids at the given frame positions."""
         if len(frames) and int(frames.max()) >= self.max_seq_len:
             raise ValueError(
                 f"frame position {int(frames.max())} is past the RoPE table ({self.max_seq_len}); "
@@ -49,10 +49,11 @@ class FramePositionedRope(WanRotaryPosEmbed):
                 h[:height].view(1, height, 1, -1).expand(*grid, -1),
                 w[:width].view(1, 1, width, -1).expand(*grid, -1),
             ]
-            out.append(torch.cat(parts, dim=-1).reshape(1, -1, 1, table.shape[1]))
-        return out[0], out[1]
+            # Wan's tables repeat each frequency for both members of a pair; one copy is enough.
+            out.append(torch.cat(parts, dim=-1)[..., ::2].reshape(1, -1, 1, table.shape[1] // 2).float())
+        return torch.complex(*out)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         _, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.patch_size
         positions = self.frame_positions
@@ -150,7 +151,7 @@ class WanDenoiser(torch.nn.Module):
                 _, p_h, p_w = self.patch_size
                 cached = cache.cached_frames
                 rope.frame_positions = torch.arange(cached, cached + frames)
-                ctx.cache_rotary = rope.at(torch.arange(cached), height // p_h, width // p_w)
+                ctx.cache_rotation = rope.at(torch.arange(cached), height // p_h, width // p_w)
                 ctx.cache, ctx.write_cache = cache, write_cache
                 cache.sync_prompt(text)
             elif causal or window is not None:
