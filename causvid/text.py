@@ -15,6 +15,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from causvid.checkpoint import CheckpointError
 
@@ -44,11 +45,14 @@ class TextEncoder:
 
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> torch.Tensor:
+        # Only the longest prompt's tokens go through the model (padding is masked, so it changes
+        # nothing); the zero rows up to max_length are added after.
         tokens = self.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            prompts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
         states = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
-        return (states * tokens.attention_mask[..., None]).float()
+        states = (states * tokens.attention_mask[..., None]).float()
+        return F.pad(states, (0, 0, 0, self.max_length - states.shape[1]))
 
     def encode(self, prompts: list[str] | str) -> torch.Tensor:
         """Embeddings [B, max_length, dim] (float32) for a list of prompts."""

@@ -18,6 +18,14 @@ def test_minilm_shapes_and_padding(text_encoder):
     assert not torch.allclose(states[0], states[1])
 
 
+def test_an_embedding_does_not_depend_on_the_prompts_beside_it():
+    # Batches are encoded only up to their longest prompt, so "dot" alone runs on 3 tokens and
+    # beside a long prompt on 11; the masked padding must not change it.
+    alone = MiniLMTextEncoder(cache_size=0).encode("dot")
+    beside = MiniLMTextEncoder(cache_size=0).encode(["a red circle moving left on a black background", "dot"])
+    torch.testing.assert_close(alone[0], beside[1], atol=1e-5, rtol=0)
+
+
 def test_prompt_cache_hits_and_evicts():
     encoder = MiniLMTextEncoder(cache_size=2)
     first = encoder.encode("a blue square")
