@@ -89,6 +89,15 @@ def latent_object_mask(video: torch.Tensor, spatial_factor: int) -> torch.Tensor
     return dilate(cells, 1)[:, 0] > 0
 
 
+def motion_cells(object_mask: torch.Tensor) -> torch.Tensor:
+    """Bool [B, F, H, W]: the cells an object enters or leaves since the previous latent frame.
+
+    These are the few cells where a clip's direction of motion shows; the first frame has none.
+    """
+    changed = object_mask[:, 1:] ^ object_mask[:, :-1]
+    return torch.cat([torch.zeros_like(object_mask[:, :1]), changed], dim=1)
+
+
 class AutoencoderObjective(Objective):
     """Reconstruction (object-weighted L1 + MSE) plus a small KL term, on the posterior mode.
 
@@ -233,12 +242,13 @@ class TeacherObjective(Objective):
     `object_weight` > 0 weights the latent cells that hold an object by 1 + object_weight, as
     the autoencoder's loss does with pixels: objects are a few cells of a mostly flat frame.
     Objects are found against a flat background (`object_pixels`), so this suits the shapes
-    world, not footage; 0 (the default) is the plain loss.
+    world, not footage; 0 (the default) is the plain loss. `motion_weight` adds weight to the
+    cells an object enters or leaves (`motion_cells`), where the direction word pays off.
     """
 
     def __init__(self, config, autoencoder: str, preset_name: str = "shapes", caption_dropout: float = 0.1,
                  bank_size: int = 4096, sample_steps: int = 50, sample_prompts: list[str] | None = None,
-                 init_from: str | None = None, object_weight: float = 0.0):
+                 init_from: str | None = None, object_weight: float = 0.0, motion_weight: float = 0.0):
         self.config = config
         self.preset_name = preset_name
         self.pipeline_config = PipelineConfig(**preset(preset_name)["pipeline"])
@@ -252,6 +262,7 @@ class TeacherObjective(Objective):
             self.denoiser = WanDenoiser(build_transformer(preset_name, config.seed), block_frames).train()
         self.caption_dropout = caption_dropout
         self.object_weight = object_weight
+        self.motion_weight = motion_weight
         self.bank_size = bank_size
         self.sample_steps = sample_steps
         self.sample_prompts = sample_prompts or [
@@ -279,7 +290,8 @@ class TeacherObjective(Objective):
         # Sample levels through the shifted schedule, matching where the sampler spends its steps.
         sigma = shift_sigma(torch.rand(batch_size, generator=generator), self.pipeline_config.shift)
         velocity = models["teacher"](add_noise(x0, noise, sigma), sigma, text)
-        weights = 1 + self.object_weight * batch["object_mask"][:, None].float()
+        mask = batch["object_mask"]
+        weights = (1 + self.object_weight * mask.float() + self.motion_weight * motion_cells(mask).float())[:, None]
         error = (velocity.float() - velocity_target(x0, noise)).square()
         loss = (error * weights).mean() / weights.mean()
         return {"teacher": (loss, {})}

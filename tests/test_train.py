@@ -104,7 +104,8 @@ def test_teacher_objective_trains_and_exports_a_pipeline(tmp_path):
         "lr": {"teacher": 1e-4}, "log_every": 1, "sample_every": 3, "checkpoint_every": 3,
         "data": {"type": "shapes", "num_frames": 9, "height": 32, "width": 32, "seed": 0},
         "objective_args": {"autoencoder": str(tmp_path / "ae" / "export"), "preset_name": "tiny", "bank_size": 4,
-                           "sample_steps": 2, "sample_prompts": ["a red circle"], "object_weight": 10.0},
+                           "sample_steps": 2, "sample_prompts": ["a red circle"], "object_weight": 10.0,
+                           "motion_weight": 10.0},
     }
     path = tmp_path / "teacher.yaml"
     path.write_text(yaml.safe_dump(teacher))
@@ -218,3 +219,16 @@ def test_a_bank_saved_without_object_masks_gains_them_without_re_encoding(tmp_pa
     assert expected.any() and "object_masks" in load_tensors(path)
     item = upgraded[4]  # entry 4 mod 3, with its mask
     assert torch.equal(item["object_mask"], expected[1])
+
+
+def test_motion_cells_are_where_an_object_enters_or_leaves():
+    from causvid.objectives import motion_cells
+
+    mask = torch.zeros(2, 3, 4, 4, dtype=torch.bool)
+    mask[0, :, 1, 1] = True  # still
+    mask[1, 0, 1, 0:2] = mask[1, 1, 1, 1:3] = mask[1, 2, 1, 2:4] = True  # moving right one cell a frame
+    motion = motion_cells(mask)
+    assert motion.shape == mask.shape and not motion[0].any() and not motion[:, 0].any()
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[1, 0] = expected[1, 2] = True  # left behind, entered
+    assert torch.equal(motion[1, 1], expected)
