@@ -26,7 +26,7 @@ import torch.nn.functional as F
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of `x` [B, N, H, D] by the unit complex `rotation` [1, N, 1, D/2] (Wan's convention).
 
-    One complex multiply: on CPU about 4x faster than the real-valued form on strided halves.
+    One complex multiply: on CPU much cheaper than the real-valued form on strided halves.
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
