@@ -107,12 +107,15 @@ class AutoencoderObjective(Objective):
 
     `init_from` continues from a trained autoencoder directory (e.g. in a later session);
     `freeze_encoder` then trains the decoder alone, which keeps the latent space, and so every
-    model trained on it, valid.
+    model trained on it, valid. `first_frame_weight` multiplies the loss weight of a stream's
+    first frame in context-0 steps: it is decoded from a latent frame of its own and is only
+    one of the frames in a fraction of the steps.
     """
 
     def __init__(self, config, preset_name: str = "shapes", kl_weight: float = 1e-6, object_weight: float = 10.0,
                  object_margin: int = 0, stats_clips: int = 64, init_from: str | None = None,
-                 freeze_encoder: bool = False, context_frames: tuple[int, ...] = (0,), target_frames: int = 16):
+                 freeze_encoder: bool = False, context_frames: tuple[int, ...] = (0,), target_frames: int = 16,
+                 first_frame_weight: float = 1.0):
         self.config = config
         self.context_frames = tuple(context_frames)
         self.target_frames = target_frames
@@ -130,6 +133,7 @@ class AutoencoderObjective(Objective):
         self.kl_weight = kl_weight
         self.object_weight = object_weight
         self.object_margin = object_margin
+        self.first_frame_weight = first_frame_weight
         self.stats_clips = stats_clips
 
     def trainable(self):
@@ -148,6 +152,8 @@ class AutoencoderObjective(Objective):
         reconstruction, posterior = models["autoencoder"](video, context)
         video = video[:, :, context:]
         weights = object_weights(video, self.object_weight, self.object_margin)
+        if context == 0:
+            weights[:, :, :1] *= self.first_frame_weight
         error = reconstruction.float() - video
         recon = ((error.abs() + error.square()) * weights).mean() / weights.mean()
         kl = posterior.kl().mean() / video[0].numel()

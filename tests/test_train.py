@@ -232,3 +232,33 @@ def test_motion_cells_are_where_an_object_enters_or_leaves():
     expected = torch.zeros(4, 4, dtype=torch.bool)
     expected[1, 0] = expected[1, 2] = True  # left behind, entered
     assert torch.equal(motion[1, 1], expected)
+
+
+class _ReconstructWithError(torch.nn.Module):
+    """An autoencoder stand-in: returns the clip with an error of 1 in one frame, no KL."""
+
+    def __init__(self, frame: int):
+        super().__init__()
+        self.frame = frame
+
+    def forward(self, video, context):
+        reconstruction = video[:, :, context:].clone()
+        reconstruction[:, :, self.frame] += 1
+        return reconstruction, type("Posterior", (), {"kl": lambda self: torch.zeros(1)})()
+
+
+def test_first_frame_weight_raises_the_cost_of_first_frame_error_only(tmp_path):
+    from causvid.objectives import AutoencoderObjective
+    from causvid.train import TrainConfig
+
+    config = TrainConfig.from_yaml(_config(tmp_path, "ae"))
+    batch = {"video": -torch.ones(1, 3, 9, 32, 32)}
+
+    def loss(first_frame_weight: float, frame: int) -> float:
+        objective = AutoencoderObjective(config, preset_name="tiny", context_frames=(0,), target_frames=4,
+                                         first_frame_weight=first_frame_weight)
+        models = {"autoencoder": _ReconstructWithError(frame)}
+        return objective.losses(models, batch, 0, torch.Generator())["autoencoder"][0].item()
+
+    assert loss(4.0, frame=0) > 2 * loss(1.0, frame=0)
+    assert loss(4.0, frame=1) < loss(1.0, frame=1)  # weight moved to frame 0, away from the rest
