@@ -35,3 +35,15 @@ def test_a_dilated_object_puts_all_the_error_one_pixel_outside():
     assert sum(region["pixel_share"] for region in regions.values()) == pytest.approx(1.0)
     assert report["clips"] == 1 and report["psnr_db"] == pytest.approx(10 * torch.log10(torch.tensor(256 / 16)).item())
     assert "1 px outside" in format_regions(report)
+
+
+def test_the_first_frame_is_pooled_apart_from_the_rest():
+    errors = ReconstructionError()
+    video = _square_on_black(6, 9)
+    reconstruction = video.clone()
+    reconstruction[:, :, 0, 0, 0] = 1.0  # one wrong pixel in frame 0 only
+    errors.add(reconstruction, video)
+    report = errors.report()
+    assert report["first_frame_psnr_db"] == pytest.approx(10 * torch.log10(torch.tensor(256.0)).item())
+    assert report["later_frames_psnr_db"] > 100  # no error there: only the floor on the error
+    assert "first frame 24.1 dB" in format_regions(report)

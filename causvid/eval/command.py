@@ -69,6 +69,8 @@ def _eval(args: argparse.Namespace) -> None:
         reconstruction = errors.report()
         report["autoencoder_psnr_db"] = reconstruction["psnr_db"]
         report["autoencoder_error_by_edge_distance"] = reconstruction["by_edge_distance"]
+        report["autoencoder_first_frame_psnr_db"] = reconstruction["first_frame_psnr_db"]
+        report["autoencoder_later_frames_psnr_db"] = reconstruction["later_frames_psnr_db"]
         print(format_regions(reconstruction))
         print(f"autoencoder reconstruction PSNR: {reconstruction['psnr_db']:.2f} dB over {reconstruction['clips']} clips")
     else:

@@ -1,4 +1,5 @@
-"""An autoencoder's reconstruction error: PSNR per clip, and where the error lies around objects."""
+"""An autoencoder's reconstruction error: PSNR per clip, where the error lies around objects, and
+on a stream's first frame against the rest."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ class ReconstructionError:
 
     Besides each clip's PSNR it pools the squared error by distance from the nearest object
     (on it, 1 to `max_distance` pixels outside, farther), which separates blur that spreads
-    objects into the background from errors inside them or in the open background.
+    objects into the background from errors inside them or in the open background. It also
+    pools the first frame apart from the rest: that frame is decoded from a latent frame of
+    its own, and it is the first one a stream shows.
     """
 
     def __init__(self, max_distance: int = 3):
@@ -22,6 +25,8 @@ class ReconstructionError:
         self.psnrs: list[float] = []
         self.squared_error = torch.zeros(max_distance + 2, dtype=torch.float64)
         self.pixels = torch.zeros(max_distance + 2, dtype=torch.float64)
+        self.frame_error = {"first": 0.0, "later": 0.0}
+        self.frame_pixels = {"first": 0, "later": 0}
 
     def add(self, reconstruction: torch.Tensor, video: torch.Tensor) -> None:
         """Both [B, 3, T, H, W] in [-1, 1]."""
@@ -30,6 +35,9 @@ class ReconstructionError:
         distance = edge_distance(video, self.max_distance)
         self.squared_error += torch.bincount(distance.flatten(), error.flatten().double(), len(self.pixels))
         self.pixels += torch.bincount(distance.flatten(), minlength=len(self.pixels)).double()
+        for name, part in (("first", error[:, :, :1]), ("later", error[:, :, 1:])):
+            self.frame_error[name] += part.double().sum().item()
+            self.frame_pixels[name] += part.numel()
 
     def region_names(self) -> list[str]:
         return ["object", *(f"{k} px outside" for k in range(1, self.max_distance + 1)), "farther"]
@@ -41,10 +49,17 @@ class ReconstructionError:
             regions.append({
                 "region": name,
                 "pixel_share": pixels / self.pixels.sum().item(),
-                "psnr_db": 10 * math.log10(pixels / max(error, 1e-12)) if pixels else None,
+                "psnr_db": _pooled_psnr(error, pixels),
                 "error_share": error / max(self.squared_error.sum().item(), 1e-12),
             })
-        return {"psnr_db": sum(self.psnrs) / len(self.psnrs), "clips": len(self.psnrs), "by_edge_distance": regions}
+        by_frame = {name: _pooled_psnr(self.frame_error[name], self.frame_pixels[name]) for name in self.frame_error}
+        return {"psnr_db": sum(self.psnrs) / len(self.psnrs), "clips": len(self.psnrs), "by_edge_distance": regions,
+                "first_frame_psnr_db": by_frame["first"], "later_frames_psnr_db": by_frame["later"]}
+
+
+def _pooled_psnr(squared_error: float, pixels: float) -> float | None:
+    """PSNR of pooled squared error (range 1), None over no pixels."""
+    return 10 * math.log10(pixels / max(squared_error, 1e-12)) if pixels else None
 
 
 def format_regions(report: dict) -> str:
@@ -54,4 +69,6 @@ def format_regions(report: dict) -> str:
         db = "-" if region["psnr_db"] is None else f"{region['psnr_db']:.1f} dB"
         lines.append(f"{region['region']:<14} {100 * region['pixel_share']:6.1f}% {db:>8} "
                      f"{100 * region['error_share']:6.1f}%")
+    first, later = report["first_frame_psnr_db"], report["later_frames_psnr_db"]
+    lines.append(f"first frame {first:.1f} dB, later frames {later:.1f} dB")
     return "\n".join(lines)
