@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -244,7 +245,7 @@ class _ReconstructWithError(torch.nn.Module):
     def forward(self, video, context):
         reconstruction = video[:, :, context:].clone()
         reconstruction[:, :, self.frame] += 1
-        return reconstruction, type("Posterior", (), {"kl": lambda self: torch.zeros(1)})()
+        return reconstruction, SimpleNamespace(kl=lambda: torch.zeros(1))
 
 
 def test_first_frame_weight_raises_the_cost_of_first_frame_error_only(tmp_path):
