@@ -250,11 +250,16 @@ class TeacherObjective(Objective):
     Objects are found against a flat background (`object_pixels`), so this suits the shapes
     world, not footage; 0 (the default) is the plain loss. `motion_weight` adds weight to the
     cells an object enters or leaves (`motion_cells`), where the direction word pays off.
+    `sigma_shift` samples training noise levels through its own shift instead of the sampler's
+    (1.0: uniform), to spend more steps at the low levels where an object's outline is drawn.
+    `coordinates` makes the teacher read each latent cell's position (`WanDenoiser.with_coordinates`);
+    a warm start that lacks them gains them without changing its outputs.
     """
 
     def __init__(self, config, autoencoder: str, preset_name: str = "shapes", caption_dropout: float = 0.1,
                  bank_size: int = 4096, sample_steps: int = 50, sample_prompts: list[str] | None = None,
-                 init_from: str | None = None, object_weight: float = 0.0, motion_weight: float = 0.0):
+                 init_from: str | None = None, object_weight: float = 0.0, motion_weight: float = 0.0,
+                 sigma_shift: float | None = None, coordinates: bool = False):
         self.config = config
         self.preset_name = preset_name
         self.pipeline_config = PipelineConfig(**preset(preset_name)["pipeline"])
@@ -266,9 +271,12 @@ class TeacherObjective(Objective):
             self.denoiser = WanDenoiser.from_pretrained(Path(init_from) / "teacher", block_frames).float().train()
         else:
             self.denoiser = WanDenoiser(build_transformer(preset_name, config.seed), block_frames).train()
+        if coordinates and not self.denoiser.reads_coordinates:
+            self.denoiser = self.denoiser.with_coordinates().train()
         self.caption_dropout = caption_dropout
         self.object_weight = object_weight
         self.motion_weight = motion_weight
+        self.sigma_shift = self.pipeline_config.shift if sigma_shift is None else sigma_shift
         self.bank_size = bank_size
         self.sample_steps = sample_steps
         self.sample_prompts = sample_prompts or [
@@ -293,8 +301,8 @@ class TeacherObjective(Objective):
         captions = [self.pipeline_config.negative_prompt if d else c for d, c in zip(drop.tolist(), batch["caption"])]
         text = self.text_encoder.encode(captions)
         noise = torch.randn(x0.shape, generator=generator)
-        # Sample levels through the shifted schedule, matching where the sampler spends its steps.
-        sigma = shift_sigma(torch.rand(batch_size, generator=generator), self.pipeline_config.shift)
+        # By default levels follow the sampler's shifted schedule, where it spends its steps.
+        sigma = shift_sigma(torch.rand(batch_size, generator=generator), self.sigma_shift)
         velocity = models["teacher"](add_noise(x0, noise, sigma), sigma, text)
         mask = batch["object_mask"]
         weights = (1 + self.object_weight * mask.float() + self.motion_weight * motion_cells(mask).float())[:, None]

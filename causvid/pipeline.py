@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from causvid.checkpoint import CheckpointError, atomic_write_json, read_json
+from causvid.data.shapes import clip_to_tensor
 from causvid.models.autoencoder import VideoAutoencoder
 from causvid.models.denoiser import WanDenoiser
 from causvid.rollout import CausalRollout
 from causvid.samplers import guided_velocity, sample_euler, sample_unipc
-from causvid.schedule import student_sigmas, teacher_sigmas
+from causvid.schedule import add_noise, sigmas_from, student_sigmas, teacher_sigmas
 from causvid.text import TextEncoder, load_text_encoder
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "shapes"
@@ -110,8 +111,8 @@ class CausVidPipeline:
         for name, model in (("transformer", self.denoiser), ("teacher", self.teacher)):
             if model is None:
                 continue
-            if model.config.in_channels != z:
-                raise CheckpointError(f"{name}: in_channels {model.config.in_channels} != autoencoder z_dim {z}")
+            if model.config.out_channels != z:
+                raise CheckpointError(f"{name}: out_channels {model.config.out_channels} != autoencoder z_dim {z}")
             if model.config.text_dim != self.text_encoder.dim:
                 raise CheckpointError(f"{name}: text_dim {model.config.text_dim} != text encoder dim {self.text_encoder.dim}")
         factor = self.autoencoder.spatial_factor * self.denoiser.patch_size[1]
@@ -238,15 +239,22 @@ class CausVidPipeline:
         teacher: bool = False,
         guidance_scale: float | None = None,
         progress: Callable[[int], None] | None = None,
+        video: np.ndarray | None = None,
+        noise_level: float = 1.0,
     ) -> np.ndarray:
         """uint8 frames [T, H, W, 3]. `teacher=True` samples the bidirectional teacher with CFG.
 
         `progress` is called with the number of frames done (student) or steps done (teacher).
+        With `video` (uint8 [T, H, W, 3]) the teacher starts from it, encoded and noised to
+        `noise_level`, and runs the rest of its schedule (SDEdit): low levels keep the layout
+        and motion of `video`, 1.0 keeps nothing. The student's live video-to-video is `stream`'s.
         """
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if video is not None and not teacher:
+            raise ValueError("starting from a video is for the teacher (teacher=True)")
         if teacher:
-            return self._generate_teacher(prompt, num_frames, seed, steps, guidance_scale, progress)
+            return self._generate_teacher(prompt, num_frames, seed, steps, guidance_scale, progress, video, noise_level)
         frames = []
         for frame in self.stream(prompt, seed, num_frames, steps, use_kv_cache):
             frames.append(frame)
@@ -255,26 +263,43 @@ class CausVidPipeline:
         return np.stack(frames)
 
     @torch.inference_mode()
-    def _generate_teacher(self, prompt, num_frames, seed, steps, guidance_scale, progress) -> np.ndarray:
+    def _generate_teacher(
+        self, prompt, num_frames, seed, steps, guidance_scale, progress, video, noise_level
+    ) -> np.ndarray:
         if self.teacher is None:
             raise CheckpointError("this checkpoint has no teacher/ directory")
         latent_frames = 1 + math.ceil((num_frames - 1) / 4)
         channels, height, width = self.latent_shape
         generator = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn((1, channels, latent_frames, height, width), generator=generator).to(self.device)
+        start = torch.randn((1, channels, latent_frames, height, width), generator=generator).to(self.device)
+        steps = steps or self.config.teacher_steps
+        sigmas = teacher_sigmas(steps, self.config.shift).to(self.device)
+        if video is not None:
+            if self.config.teacher_solver != "euler":
+                raise ValueError("starting from a video needs the Euler teacher solver")
+            sigmas = sigmas_from(sigmas, noise_level)
+            start = add_noise(self._encode_video(video, num_frames), start, sigmas[:1])
         velocity = guided_velocity(
             self.teacher,
             self.encode_prompt(prompt),
             self.encode_prompt(self.config.negative_prompt),
             self.config.guidance_scale if guidance_scale is None else guidance_scale,
         )
-        steps = steps or self.config.teacher_steps
         callback = (lambda i, _: progress(i + 1)) if progress is not None else None
         if self.config.teacher_solver == "unipc":
-            latents = sample_unipc(velocity, noise, steps, self.config.shift, callback)
+            latents = sample_unipc(velocity, start, steps, self.config.shift, callback)
         else:
-            latents = sample_euler(velocity, noise, teacher_sigmas(steps, self.config.shift).to(self.device), callback)
+            latents = sample_euler(velocity, start, sigmas, callback)
         return to_uint8(self.autoencoder.decode(latents))[:num_frames]
+
+    def _encode_video(self, video: np.ndarray, num_frames: int) -> torch.Tensor:
+        """Latents of uint8 [T, H, W, 3] frames, checked against the pipeline's size."""
+        expected = (num_frames, self.config.height, self.config.width, 3)
+        if not isinstance(video, np.ndarray) or video.dtype != np.uint8 or video.shape != expected:
+            got = f"{video.dtype} {video.shape}" if isinstance(video, np.ndarray) else type(video).__name__
+            raise ValueError(f"video must be uint8 {list(expected)}, got {got}")
+        pixels = clip_to_tensor(video)[None].to(self.device, next(self.autoencoder.parameters()).dtype)
+        return self.autoencoder.encode(pixels)
 
 
 def load_pipeline(

@@ -50,6 +50,14 @@ def teacher_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     return shift_sigma(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).float()
 
 
+def sigmas_from(sigmas: torch.Tensor, start: float) -> torch.Tensor:
+    """The part of a decreasing schedule below `start`, beginning at `start` (SDEdit's truncation)."""
+    if not 0.0 < start <= float(sigmas[0]):
+        raise ValueError(f"start noise level must lie in (0, {float(sigmas[0])}], got {start}")
+    below = sigmas[sigmas < start]
+    return torch.cat([sigmas.new_tensor([start]), below])
+
+
 def student_sigmas(timesteps: list[int] | tuple[int, ...], shift: float | None = None) -> torch.Tensor:
     """The few-step student's noise levels, e.g. [1000, 750, 500, 250] -> [1, .75, .5, .25].
 

@@ -9,6 +9,7 @@ from causvid.samplers import guided_velocity, sample_euler, sample_few_step, sam
 from causvid.schedule import (
     add_noise,
     shift_sigma,
+    sigmas_from,
     student_sigmas,
     teacher_sigmas,
     velocity_target,
@@ -91,3 +92,14 @@ def test_classifier_free_guidance_combines_passes():
     torch.testing.assert_close(guided_velocity(denoiser, cond, uncond, 1.0)(x, sigma), torch.full_like(x, 2.0))
     assert calls == [1]  # scale 1 skips the unconditional pass
     torch.testing.assert_close(guided_velocity(denoiser, cond, uncond, 0.0)(x, sigma), torch.full_like(x, 0.5))
+
+
+def test_sigmas_from_starts_at_the_level_and_keeps_the_rest_of_the_schedule():
+    sigmas = teacher_sigmas(10, shift=3.0)
+    tail = sigmas_from(sigmas, 0.5)
+    assert tail[0] == 0.5 and tail[-1] == 0.0
+    assert torch.equal(tail[1:], sigmas[sigmas < 0.5])
+    assert torch.equal(sigmas_from(sigmas, 1.0), sigmas)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="start noise level"):
+            sigmas_from(sigmas, bad)

@@ -263,3 +263,29 @@ def test_first_frame_weight_raises_the_cost_of_first_frame_error_only(tmp_path):
 
     assert loss(4.0, frame=0) > 2 * loss(1.0, frame=0)
     assert loss(4.0, frame=1) < loss(1.0, frame=1)  # weight moved to frame 0, away from the rest
+
+
+def test_sigma_shift_moves_training_noise_levels(tmp_path):
+    from causvid.objectives import TeacherObjective
+    from causvid.train import TrainConfig
+
+    assert main(["train", "autoencoder", "--config", str(_config(tmp_path, "ae", max_steps=1))]) == 0
+    config = TrainConfig.from_yaml(_config(tmp_path, "teacher", objective="teacher"))
+    batch = {"latents": torch.zeros(256, 4, 2, 4, 4), "caption": ["a red circle"] * 256,
+             "object_mask": torch.zeros(256, 2, 4, 4, dtype=torch.bool)}
+    seen = []
+
+    def record(x, sigma, text):
+        seen.append(sigma)
+        return torch.zeros_like(x)
+
+    def median_sigma(**shift) -> float:
+        objective = TeacherObjective(config, str(tmp_path / "ae" / "export"), preset_name="tiny", **shift)
+        objective.losses({"teacher": record}, batch, 0, torch.Generator().manual_seed(0))
+        return float(seen[-1].median())
+
+    # Uniform levels have median 0.5; through shift s the median is s / (1 + s).
+    assert median_sigma(sigma_shift=1.0) == pytest.approx(0.5, abs=0.06)
+    assert median_sigma(sigma_shift=3.0) == pytest.approx(0.75, abs=0.06)
+    # By default the sampler's shift is used: the tiny preset's is 1.
+    assert median_sigma() == median_sigma(sigma_shift=1.0) != median_sigma(sigma_shift=3.0)

@@ -18,12 +18,13 @@ def autoencoder_round_trip(autoencoder, errors: ReconstructionError):
     """uint8 video -> its reconstruction through `autoencoder`; adds each video's error to `errors`."""
     import torch
 
+    from causvid.data.shapes import clip_to_tensor
     from causvid.pipeline import to_uint8
 
     @torch.no_grad()
-    def reconstruct(frames):
+    def reconstruct(frames, case=None, seed=None):
         device = next(autoencoder.parameters()).device
-        video = (torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1).to(device)
+        video = clip_to_tensor(frames)[None].to(device)
         reconstruction = autoencoder.decode(autoencoder.encode(video))
         errors.add(reconstruction, video)
         return to_uint8(reconstruction)
@@ -32,6 +33,8 @@ def autoencoder_round_trip(autoencoder, errors: ReconstructionError):
 
 
 def _eval(args: argparse.Namespace) -> None:
+    if args.from_noise_level is not None and not args.teacher:
+        raise ValueError("--from-noise-level needs --teacher")
     cases = default_prompt_set(num_seen=args.num_seen)
     if args.word_probe:
         return _word_probe(args, cases)
@@ -48,9 +51,16 @@ def _eval(args: argparse.Namespace) -> None:
         pipe = load_pipeline(args.checkpoint, args.device)
         height, width = pipe.config.height, pipe.config.width
 
-        def generate(prompt: str, seed: int, num_frames: int):
+        def sample(prompt: str, seed: int, num_frames: int, **start):
             return pipe.generate(prompt, num_frames, seed, steps=args.steps, teacher=args.teacher,
-                                 guidance_scale=args.guidance_scale)
+                                 guidance_scale=args.guidance_scale, **start)
+
+        if args.from_noise_level is None:
+            generate = sample
+        else:
+            # Ground truth noised to the level, then the rest of the teacher's schedule.
+            def transform(frames, case, seed):
+                return sample(case.prompt, seed, len(frames), video=frames, noise_level=args.from_noise_level)
 
     sheet_videos, sheet_labels = [], []
 
@@ -79,6 +89,9 @@ def _eval(args: argparse.Namespace) -> None:
             "sampler": "ground truth" if args.ground_truth else ("teacher" if args.teacher else "student"),
             "steps": args.steps,
         }
+        if args.from_noise_level is not None:
+            report["source"] = "ground truth partly denoised"
+            report["model"]["from_noise_level"] = args.from_noise_level
     print(format_table(report))
     if args.output:
         atomic_write_json(args.output, report)
@@ -119,6 +132,9 @@ def register(subparsers) -> None:
     parser.add_argument("--ground-truth", action="store_true", help="evaluate rendered shapes-world clips (the ceiling)")
     parser.add_argument("--autoencoder", type=Path, default=None,
                         help="evaluate this autoencoder directory: ground truth through encode+decode, plus PSNR")
+    parser.add_argument("--from-noise-level", type=float, default=None, metavar="SIGMA",
+                        help="with --teacher: start from each ground-truth clip noised to SIGMA in (0, 1] and run "
+                             "the rest of the schedule, to see at which noise levels an attribute is lost")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--frames", type=int, default=21)

@@ -406,14 +406,15 @@ def run_bench(
     height: int = 64,
     width: int = 64,
     on_video: Callable[[BenchCase, int, np.ndarray], None] | None = None,
-    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    transform: Callable[[np.ndarray, BenchCase, int], np.ndarray] | None = None,
 ) -> dict:
     """Score ``generate(prompt, seed, num_frames) -> uint8 [T, H, W, 3]`` on every case and seed.
 
     With ``generate=None`` the ground-truth clips are scored instead (the ceiling).
     ``on_video`` sees every video, e.g. to collect some for a contact sheet.
-    ``transform`` maps each video before scoring, e.g. an autoencoder's reconstruction of the
-    ground truth, which scores the autoencoder with the same colour, shape and motion judge.
+    ``transform(frames, case, seed)`` maps each video before scoring, e.g. an autoencoder's
+    reconstruction of the ground truth, which scores the autoencoder with the same colour, shape
+    and motion judge, or the teacher's partial denoising of it.
     Returns a JSON-serialisable report with per-split means and per-case details.
     """
     started = time.perf_counter()
@@ -428,7 +429,7 @@ def run_bench(
             else:
                 frames = generate(case.prompt, seed, num_frames)
             if transform is not None:
-                frames = transform(frames)
+                frames = transform(frames, case, seed)
             generate_seconds += time.perf_counter() - generate_start
             runs.append({"seed": seed, **analyze_video(frames, case.scene)})
             if on_video is not None:

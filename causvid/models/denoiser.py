@@ -3,7 +3,8 @@
 The transformer class and its weights are untouched, so a Wan2.1 checkpoint in diffusers
 format loads as it is, and `save_pretrained` writes something diffusers loads back. What the
 wrapper adds is how attention behaves (bidirectional, block-causal, KV-cached), per-frame
-noise levels, and RoPE at chosen frame positions.
+noise levels, RoPE at chosen frame positions, and optionally each latent cell's absolute
+(x, y) position as two extra input channels, which Wan's own configs do not use.
 """
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ from causvid.models.attention import (
     block_causal_mask,
 )
 from causvid.schedule import timestep_from_sigma
+
+# Input channels beyond the latent ones that carry a cell's (x, y) position (CoordConv-style).
+COORDINATE_CHANNELS = 2
+
+
+def cell_coordinates(x: torch.Tensor) -> torch.Tensor:
+    """The (x, y) centre of every cell of latents [B, C, F, H, W] in [-1, 1], as [B, 2, F, H, W].
+
+    RoPE only tells attention how far apart two cells are. Where a cell is matters too: an
+    object said to move right starts on the left, and bounces off the walls.
+    """
+    batch, _, frames, height, width = x.shape
+    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # [2, H, W]
+    return grid[None, :, None].expand(batch, -1, frames, -1, -1)
 
 
 class FramePositionedRope(WanRotaryPosEmbed):
@@ -76,6 +93,13 @@ class WanDenoiser(torch.nn.Module):
             raise ValueError("image-conditioned Wan transformers (added_kv_proj_dim) are not supported")
         if block_frames < 1:
             raise ValueError(f"block_frames must be >= 1, got {block_frames}")
+        extra_channels = transformer.config.in_channels - transformer.config.out_channels
+        if extra_channels not in (0, COORDINATE_CHANNELS):
+            raise ValueError(
+                f"in_channels must equal out_channels, or exceed it by {COORDINATE_CHANNELS} coordinate channels; "
+                f"got {transformer.config.in_channels} and {transformer.config.out_channels}"
+            )
+        self.reads_coordinates = extra_channels == COORDINATE_CHANNELS
         self.transformer = transformer
         self.block_frames = block_frames
         self.context = AttentionContext()
@@ -94,6 +118,20 @@ class WanDenoiser(torch.nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         """Write a plain diffusers `WanTransformer3DModel` directory (config.json + safetensors)."""
         save_diffusers_model(self.transformer, path)
+
+    def with_coordinates(self) -> "WanDenoiser":
+        """A copy that also reads each cell's position, initialised to ignore it (same outputs)."""
+        if self.reads_coordinates:
+            raise ValueError("this denoiser already reads coordinates")
+        config = dict(self.transformer.config)
+        config["in_channels"] += COORDINATE_CHANNELS
+        widened = WanTransformer3DModel.from_config(config).to(self.transformer.dtype)
+        state = self.transformer.state_dict()
+        weight = state["patch_embedding.weight"]
+        zeros = weight.new_zeros(weight.shape[0], COORDINATE_CHANNELS, *weight.shape[2:])
+        state["patch_embedding.weight"] = torch.cat([weight, zeros], dim=1)
+        widened.load_state_dict(state)
+        return WanDenoiser(widened, self.block_frames)
 
     @property
     def config(self):
@@ -157,7 +195,8 @@ class WanDenoiser(torch.nn.Module):
             elif causal or window is not None:
                 ctx.mask = self._causal_mask(frames, height, width, x.device, window)
             dtype = self.transformer.dtype
-            velocity = self.transformer(x.to(dtype), timestep, text.to(dtype), return_dict=False)[0]
+            inputs = torch.cat([x, cell_coordinates(x)], dim=1) if self.reads_coordinates else x
+            velocity = self.transformer(inputs.to(dtype), timestep, text.to(dtype), return_dict=False)[0]
         finally:
             ctx.clear()
             rope.frame_positions = None
