@@ -29,15 +29,16 @@ from causvid.schedule import timestep_from_sigma
 COORDINATE_CHANNELS = 2
 
 
-def cell_coordinates(x: torch.Tensor) -> torch.Tensor:
+def cell_coordinates(latents: torch.Tensor) -> torch.Tensor:
     """The (x, y) centre of every cell of latents [B, C, F, H, W] in [-1, 1], as [B, 2, F, H, W].
 
     RoPE only tells attention how far apart two cells are. Where a cell is matters too: an
     object said to move right starts on the left, and bounces off the walls.
     """
-    batch, _, frames, height, width = x.shape
-    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, device=x.device, dtype=x.dtype)
-    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, device=x.device, dtype=x.dtype)
+    batch, _, frames, height, width = latents.shape
+    like = dict(device=latents.device, dtype=latents.dtype)
+    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, **like)
+    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, **like)
     grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # [2, H, W]
     return grid[None, :, None].expand(batch, -1, frames, -1, -1)
 
