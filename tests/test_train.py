@@ -265,8 +265,9 @@ def test_first_frame_weight_raises_the_cost_of_first_frame_error_only(tmp_path):
     assert loss(4.0, frame=1) < loss(1.0, frame=1)  # weight moved to frame 0, away from the rest
 
 
-def test_sigma_shift_moves_training_noise_levels(tmp_path):
+def test_sigma_shift_moves_training_noise_levels(tmp_path, monkeypatch):
     from causvid.objectives import TeacherObjective
+    from causvid.presets import PRESETS
     from causvid.train import TrainConfig
 
     assert main(["train", "autoencoder", "--config", str(_config(tmp_path, "ae", max_steps=1))]) == 0
@@ -287,5 +288,7 @@ def test_sigma_shift_moves_training_noise_levels(tmp_path):
     # Uniform levels have median 0.5; through shift s the median is s / (1 + s).
     assert median_sigma(sigma_shift=1.0) == pytest.approx(0.5, abs=0.06)
     assert median_sigma(sigma_shift=3.0) == pytest.approx(0.75, abs=0.06)
-    # By default the sampler's shift is used: the tiny preset's is 1.
-    assert median_sigma() == median_sigma(sigma_shift=1.0) != median_sigma(sigma_shift=3.0)
+    # By default the sampler's shift is used: 1 in the tiny preset, then 3 once the preset says so.
+    assert median_sigma() == median_sigma(sigma_shift=1.0)
+    monkeypatch.setitem(PRESETS["tiny"]["pipeline"], "shift", 3.0)
+    assert median_sigma() == median_sigma(sigma_shift=3.0) != median_sigma(sigma_shift=1.0)
