@@ -109,13 +109,15 @@ class AutoencoderObjective(Objective):
     `freeze_encoder` then trains the decoder alone, which keeps the latent space, and so every
     model trained on it, valid. `first_frame_weight` multiplies the loss weight of a stream's
     first frame in context-0 steps: it is decoded from a latent frame of its own and is only
-    one of the frames in a fraction of the steps.
+    one of the frames in a fraction of the steps. `l1_weight` scales the L1 term: where an
+    edge's exact position is uncertain, L1 pays for the median (a hard edge in either place)
+    and MSE, which PSNR measures, for the mean (a soft edge); 0 trains for PSNR alone.
     """
 
     def __init__(self, config, preset_name: str = "shapes", kl_weight: float = 1e-6, object_weight: float = 10.0,
                  object_margin: int = 0, stats_clips: int = 64, init_from: str | None = None,
                  freeze_encoder: bool = False, context_frames: tuple[int, ...] = (0,), target_frames: int = 16,
-                 first_frame_weight: float = 1.0):
+                 first_frame_weight: float = 1.0, l1_weight: float = 1.0):
         self.config = config
         self.context_frames = tuple(context_frames)
         self.target_frames = target_frames
@@ -134,6 +136,7 @@ class AutoencoderObjective(Objective):
         self.object_weight = object_weight
         self.object_margin = object_margin
         self.first_frame_weight = first_frame_weight
+        self.l1_weight = l1_weight
         self.stats_clips = stats_clips
 
     def trainable(self):
@@ -155,7 +158,7 @@ class AutoencoderObjective(Objective):
         if context == 0:
             weights[:, :, :1] *= self.first_frame_weight
         error = reconstruction.float() - video
-        recon = ((error.abs() + error.square()) * weights).mean() / weights.mean()
+        recon = ((self.l1_weight * error.abs() + error.square()) * weights).mean() / weights.mean()
         kl = posterior.kl().mean() / video[0].numel()
         logs = {"psnr": psnr(reconstruction, video), "kl": kl.item(), "context_frames": context}
         return {"autoencoder": (recon + self.kl_weight * kl, logs)}

@@ -238,13 +238,14 @@ def test_motion_cells_are_where_an_object_enters_or_leaves():
 class _ReconstructWithError(torch.nn.Module):
     """An autoencoder stand-in: returns the clip with an error of 1 in one frame, no KL."""
 
-    def __init__(self, frame: int):
+    def __init__(self, frame: int, size: float = 1.0):
         super().__init__()
         self.frame = frame
+        self.size = size
 
     def forward(self, video, context):
         reconstruction = video[:, :, context:].clone()
-        reconstruction[:, :, self.frame] += 1
+        reconstruction[:, :, self.frame] += self.size
         return reconstruction, SimpleNamespace(kl=lambda: torch.zeros(1))
 
 
@@ -263,6 +264,24 @@ def test_first_frame_weight_raises_the_cost_of_first_frame_error_only(tmp_path):
 
     assert loss(4.0, frame=0) > 2 * loss(1.0, frame=0)
     assert loss(4.0, frame=1) < loss(1.0, frame=1)  # weight moved to frame 0, away from the rest
+
+
+def test_l1_weight_zero_leaves_mean_squared_error(tmp_path):
+    from causvid.objectives import AutoencoderObjective
+    from causvid.train import TrainConfig
+
+    config = TrainConfig.from_yaml(_config(tmp_path, "ae"))
+    batch = {"video": -torch.ones(1, 3, 9, 32, 32)}
+
+    def loss(error: float, **weights) -> float:
+        objective = AutoencoderObjective(config, preset_name="tiny", context_frames=(0,), target_frames=4,
+                                         object_weight=0.0, **weights)
+        models = {"autoencoder": _ReconstructWithError(frame=1, size=error)}
+        return objective.losses(models, batch, 0, torch.Generator())["autoencoder"][0].item()
+
+    # One frame of five is off by `error` everywhere: MSE is error^2 / 5, and L1 adds error / 5.
+    assert loss(0.1, l1_weight=0.0) == pytest.approx(0.01 / 5, rel=1e-4)
+    assert loss(0.1) == pytest.approx((0.1 + 0.01) / 5, rel=1e-4)
 
 
 def test_sigma_shift_moves_training_noise_levels(tmp_path, monkeypatch):
