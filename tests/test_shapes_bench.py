@@ -102,6 +102,18 @@ def test_wrong_video_scores_zero():
     assert analyze_video(video, single(colour="blue", background="gray"))["background_consistency"] == 0
 
 
+def test_travel_is_speed_along_the_named_direction_and_signed():
+    scene = single(motion="right")
+    video = render(scene)
+    travel = analyze_video(video, scene)["travel"]
+    assert 1.0 <= travel <= 1.5  # the world's speed range, pixels per frame at 64 px
+    assert analyze_video(video[::-1], scene)["travel"] == pytest.approx(-travel)  # the wrong way
+    assert analyze_video(video, single(motion="left"))["travel"] == pytest.approx(-travel)
+    assert analyze_video(video, single(motion="down"))["travel"] == pytest.approx(0, abs=0.05)  # across its path
+    for motion in ("still", "bouncing"):
+        assert analyze_video(render(single(motion=motion)), single(motion=motion))["travel"] is None
+
+
 def test_noise_scores_low():
     scene = single(shape="triangle", colour="green", motion="up", background="gray")
     noise = np.random.default_rng(0).integers(0, 256, size=(33, 64, 64, 3), dtype=np.uint8)

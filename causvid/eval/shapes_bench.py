@@ -4,7 +4,7 @@ Every pixel is classified to a palette colour (blurred edges are split between t
 background and the colour they blend into). Each requested object is then tracked as
 the largest connected blob of its colour, which gives colour adherence, shape
 (IoU against shape templates fitted to the blob's box), motion direction (from the
-centroid trajectory), subject consistency (blob area stability) and trajectory jerk.
+centroid trajectory), travel (speed along the named direction, signed), subject consistency (blob area stability) and trajectory jerk.
 Scene-level metrics are background consistency, flicker of background pixels and a
 MAWE-style optical-flow warp error. The same analysis on ground-truth clips from
 ``render_clip`` gives the ceiling.
@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 from causvid.data.shapes import (
     BACKGROUNDS,
     COLOURS,
+    DIRECTIONS,
     HELD_OUT,
     MOTIONS,
     REFERENCE_SIZE,
@@ -47,6 +48,7 @@ METRICS: dict[str, bool] = {
     "colour": True,
     "shape": True,
     "direction": True,
+    "travel": True,
     "subject_consistency": True,
     "background_consistency": True,
     "mawe": False,
@@ -271,6 +273,20 @@ def classify_motion(centroids: np.ndarray, scale: float) -> str:
     return {(0, False): "left", (0, True): "right", (1, False): "up", (1, True): "down"}[(axis, bool(net[axis] > 0))]
 
 
+def named_travel(centroids: np.ndarray, motion: str, scale: float) -> float | None:
+    """Mean speed along the named direction (pixels per frame at 64 px), negative the other way.
+
+    Unlike the motion label it grades a wobbling object that still heads the named way. None
+    for still and bouncing objects, and for an object tracked in fewer than two frames.
+    """
+    tracked = np.flatnonzero(~np.isnan(centroids[:, 0]))
+    if motion not in DIRECTIONS or len(tracked) < 2:
+        return None
+    axis, sign = DIRECTIONS[motion]
+    track = _median_filter3(centroids[tracked])
+    return float(sign * (track[-1, axis] - track[0, axis]) / (tracked[-1] - tracked[0]) / scale)
+
+
 def _median_filter3(track: np.ndarray) -> np.ndarray:
     padded = np.concatenate([track[:1], track, track[-1:]])
     return np.median(np.stack([padded[:-2], padded[1:-1], padded[2:]]), axis=0)
@@ -301,6 +317,7 @@ def analyze_object(labels: np.ndarray, obj: ObjectSpec, distractors: Sequence[in
         "colour": float(colour_ok.mean()),
         "shape": float(np.mean([shape == obj.shape for shape in shapes])),
         "direction": float(motion == obj.motion),
+        "travel": named_travel(centroids, obj.motion, scale),
         "subject_consistency": _stability(areas),
         "jerk": _jerk(centroids, scale),
         "predicted_shape": Counter(shapes).most_common(1)[0][0],
@@ -361,7 +378,8 @@ def analyze_video(frames: np.ndarray, scene: SceneSpec) -> dict:
     """Metrics of one uint8 [T, H, W, 3] video against the scene it should show.
 
     Object metrics are averaged over the scene's objects. Higher is better except
-    for ``mawe``, ``jerk`` and ``flicker``. ``jerk`` is None when no object was tracked.
+    for ``mawe``, ``jerk`` and ``flicker``. ``jerk`` is None when no object was tracked, and
+    ``travel`` when no object has a direction (still or bouncing) or none was tracked.
     """
     _check_video(frames)
     scale = min(frames.shape[1:3]) / REFERENCE_SIZE
@@ -370,7 +388,6 @@ def analyze_video(frames: np.ndarray, scene: SceneSpec) -> dict:
     object_colours = [palette_index(COLOURS[obj.colour]) for obj in scene.objects]
     distractors = [i for i in range(len(PALETTE)) if i != background and i not in object_colours]
     objects = [analyze_object(labels, obj, distractors, scale) for obj in scene.objects]
-    jerks = [result["jerk"] for result in objects if result["jerk"] is not None]
     result = {
         name: float(np.mean([obj[name] for obj in objects]))
         for name in ("colour", "shape", "direction", "subject_consistency")
@@ -378,12 +395,18 @@ def analyze_video(frames: np.ndarray, scene: SceneSpec) -> dict:
     result.update(
         background_consistency=background_consistency(labels, background, object_colours),
         mawe=motion_aware_warp_error(frames, scale),
-        jerk=float(np.mean(jerks)) if jerks else None,
+        travel=_mean_present([obj["travel"] for obj in objects]),
+        jerk=_mean_present([obj["jerk"] for obj in objects]),
         flicker=flicker(frames, labels, background),
         predicted_shape=[obj["predicted_shape"] for obj in objects],
         predicted_motion=[obj["predicted_motion"] for obj in objects],
     )
     return result
+
+
+def _mean_present(values: Sequence[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return float(np.mean(present)) if present else None
 
 
 def _check_video(frames: np.ndarray) -> None:
