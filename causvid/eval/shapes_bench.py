@@ -3,8 +3,9 @@
 Every pixel is classified to a palette colour (blurred edges are split between the
 background and the colour they blend into). Each requested object is then tracked as
 the largest connected blob of its colour, which gives colour adherence, shape
-(IoU against shape templates fitted to the blob's box), motion direction (from the
-centroid trajectory), travel (speed along the named direction, signed), subject consistency (blob area stability) and trajectory jerk.
+(IoU against shape templates fitted to the blob's box), motion direction and travel
+(the label and the signed speed along the named direction, from the centroid
+trajectory), subject consistency (blob area stability) and trajectory jerk.
 Scene-level metrics are background consistency, flicker of background pixels and a
 MAWE-style optical-flow warp error. The same analysis on ground-truth clips from
 ``render_clip`` gives the ceiling.
