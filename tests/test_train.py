@@ -236,7 +236,7 @@ def test_motion_cells_are_where_an_object_enters_or_leaves():
 
 
 class _ReconstructWithError(torch.nn.Module):
-    """An autoencoder stand-in: returns the clip with an error of 1 in one frame, no KL."""
+    """An autoencoder stand-in: returns the clip with an error of `size` in one frame, no KL."""
 
     def __init__(self, frame: int, size: float = 1.0):
         super().__init__()

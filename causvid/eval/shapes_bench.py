@@ -492,10 +492,7 @@ def run_bench(
 
 def _mean_metrics(results: Sequence[dict]) -> dict:
     """Mean of each metric over results, skipping None; None when no result has a value."""
-    means = {}
-    for name in METRICS:
-        values = [r[name] for r in results if r.get(name) is not None]
-        means[name] = float(np.mean(values)) if values else None
+    means = {name: _mean_present([r.get(name) for r in results]) for name in METRICS}
     means["count"] = len(results)
     return means
 
