@@ -112,12 +112,16 @@ class AutoencoderObjective(Objective):
     one of the frames in a fraction of the steps. `l1_weight` scales the L1 term: where an
     edge's exact position is uncertain, L1 pays for the median (a hard edge in either place)
     and MSE, which PSNR measures, for the mean (a soft edge); 0 trains for PSNR alone.
+    `log_per_clip` averages the log of each clip's error instead of pooling the errors: the
+    clip-mean PSNR is minus the mean of those logs, and pooling weighs each clip by its error,
+    so clean clips (small objects, grey backgrounds) count for little in it though they count
+    as much in that mean.
     """
 
     def __init__(self, config, preset_name: str = "shapes", kl_weight: float = 1e-6, object_weight: float = 10.0,
                  object_margin: int = 0, stats_clips: int = 64, init_from: str | None = None,
                  freeze_encoder: bool = False, context_frames: tuple[int, ...] = (0,), target_frames: int = 16,
-                 first_frame_weight: float = 1.0, l1_weight: float = 1.0):
+                 first_frame_weight: float = 1.0, l1_weight: float = 1.0, log_per_clip: bool = False):
         self.config = config
         self.context_frames = tuple(context_frames)
         self.target_frames = target_frames
@@ -137,6 +141,7 @@ class AutoencoderObjective(Objective):
         self.object_margin = object_margin
         self.first_frame_weight = first_frame_weight
         self.l1_weight = l1_weight
+        self.log_per_clip = log_per_clip
         self.stats_clips = stats_clips
 
     def trainable(self):
@@ -158,7 +163,11 @@ class AutoencoderObjective(Objective):
         if context == 0:
             weights[:, :, :1] *= self.first_frame_weight
         error = reconstruction.float() - video
-        recon = ((self.l1_weight * error.abs() + error.square()) * weights).mean() / weights.mean()
+        weighted = (self.l1_weight * error.abs() + error.square()) * weights
+        if self.log_per_clip:
+            recon = (weighted.flatten(1).mean(1) / weights.flatten(1).mean(1)).log().mean()
+        else:
+            recon = weighted.mean() / weights.mean()
         kl = posterior.kl().mean() / video[0].numel()
         logs = {"psnr": psnr(reconstruction, video), "kl": kl.item(), "context_frames": context}
         return {"autoencoder": (recon + self.kl_weight * kl, logs)}

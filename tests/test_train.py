@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -236,16 +237,17 @@ def test_motion_cells_are_where_an_object_enters_or_leaves():
 
 
 class _ReconstructWithError(torch.nn.Module):
-    """An autoencoder stand-in: returns the clip with an error of `size` in one frame, no KL."""
+    """An autoencoder stand-in: returns the clip with an error of `size` in one frame, no KL
+    (a list gives each clip its own)."""
 
-    def __init__(self, frame: int, size: float = 1.0):
+    def __init__(self, frame: int, size: float | list[float] = 1.0):
         super().__init__()
         self.frame = frame
         self.size = size
 
     def forward(self, video, context):
         reconstruction = video[:, :, context:].clone()
-        reconstruction[:, :, self.frame] += self.size
+        reconstruction[:, :, self.frame] += torch.as_tensor(self.size).view(-1, 1, 1, 1)
         return reconstruction, SimpleNamespace(kl=lambda: torch.zeros(1))
 
 
@@ -282,6 +284,30 @@ def test_l1_weight_zero_leaves_mean_squared_error(tmp_path):
     # One frame of five is off by `error` everywhere: MSE is error^2 / 5, and L1 adds error / 5.
     assert loss(0.1, l1_weight=0.0) == pytest.approx(0.01 / 5, rel=1e-4)
     assert loss(0.1) == pytest.approx((0.1 + 0.01) / 5, rel=1e-4)
+
+
+def test_log_per_clip_averages_each_clips_log_error(tmp_path):
+    from causvid.objectives import AutoencoderObjective
+    from causvid.train import TrainConfig
+
+    config = TrainConfig.from_yaml(_config(tmp_path, "ae"))
+    batch = {"video": -torch.ones(2, 3, 9, 32, 32)}
+
+    def loss(errors: list[float], **options) -> float:
+        objective = AutoencoderObjective(config, preset_name="tiny", context_frames=(0,), target_frames=4,
+                                         object_weight=0.0, l1_weight=0.0, **options)
+        models = {"autoencoder": _ReconstructWithError(frame=1, size=errors)}
+        return objective.losses(models, batch, 0, torch.Generator())["autoencoder"][0].item()
+
+    # Clips off by 0.1 and 0.01 in one frame of five: MSEs 0.01 / 5 and 0.0001 / 5.
+    assert loss([0.1, 0.01]) == pytest.approx((0.01 + 0.0001) / 10, rel=1e-4)
+    assert loss([0.1, 0.01], log_per_clip=True) == pytest.approx(
+        (math.log(0.01 / 5) + math.log(0.0001 / 5)) / 2, rel=1e-4)
+    # Halving either clip's error gains the same under logs; pooled, the clean clip's gain is lost.
+    gain_clean = loss([0.1, 0.01], log_per_clip=True) - loss([0.1, 0.005], log_per_clip=True)
+    gain_dirty = loss([0.1, 0.01], log_per_clip=True) - loss([0.05, 0.01], log_per_clip=True)
+    assert gain_clean == pytest.approx(gain_dirty, rel=1e-3)
+    assert loss([0.1, 0.01]) - loss([0.1, 0.005]) < 0.01 * (loss([0.1, 0.01]) - loss([0.05, 0.01]))
 
 
 def test_sigma_shift_moves_training_noise_levels(tmp_path, monkeypatch):
