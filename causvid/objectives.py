@@ -266,12 +266,14 @@ class TeacherObjective(Objective):
     (1.0: uniform), to spend more steps at the low levels where an object's outline is drawn.
     `coordinates` makes the teacher read each latent cell's position (`WanDenoiser.with_coordinates`);
     a warm start that lacks them gains them without changing its outputs.
+    `transformer` replaces entries of the preset's transformer config, e.g. the same width split
+    into more, narrower heads; on a warm start they must keep the shapes of its weights.
     """
 
     def __init__(self, config, autoencoder: str, preset_name: str = "shapes", caption_dropout: float = 0.1,
                  bank_size: int = 4096, sample_steps: int = 50, sample_prompts: list[str] | None = None,
                  init_from: str | None = None, object_weight: float = 0.0, motion_weight: float = 0.0,
-                 sigma_shift: float | None = None, coordinates: bool = False):
+                 sigma_shift: float | None = None, coordinates: bool = False, transformer: dict | None = None):
         self.config = config
         self.preset_name = preset_name
         self.pipeline_config = PipelineConfig(**preset(preset_name)["pipeline"])
@@ -280,9 +282,11 @@ class TeacherObjective(Objective):
         self.text_encoder.cache_size = 4096
         block_frames = self.pipeline_config.block_frames
         if init_from is not None:  # continue from a trained pipeline's teacher (e.g. the shipped one)
-            self.denoiser = WanDenoiser.from_pretrained(Path(init_from) / "teacher", block_frames).float().train()
+            self.denoiser = WanDenoiser.from_pretrained(Path(init_from) / "teacher", block_frames,
+                                                        **transformer or {}).float().train()
         else:
-            self.denoiser = WanDenoiser(build_transformer(preset_name, config.seed), block_frames).train()
+            self.denoiser = WanDenoiser(build_transformer(preset_name, config.seed, **transformer or {}),
+                                        block_frames).train()
         if coordinates and not self.denoiser.reads_coordinates:
             self.denoiser = self.denoiser.with_coordinates().train()
         self.caption_dropout = caption_dropout

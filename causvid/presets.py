@@ -50,9 +50,10 @@ def preset(name: str) -> dict:
     return copy.deepcopy(PRESETS[name])
 
 
-def build_transformer(name: str, seed: int = 0) -> WanTransformer3DModel:
+def build_transformer(name: str, seed: int = 0, **overrides) -> WanTransformer3DModel:
+    """A randomly initialised transformer of a preset's size; `overrides` replace config entries."""
     torch.manual_seed(seed)
-    return WanTransformer3DModel(**preset(name)["transformer"])
+    return WanTransformer3DModel(**preset(name)["transformer"] | overrides)
 
 
 def build_autoencoder(name: str, seed: int = 0) -> VideoAutoencoder:

@@ -337,3 +337,25 @@ def test_sigma_shift_moves_training_noise_levels(tmp_path, monkeypatch):
     assert median_sigma() == median_sigma(sigma_shift=1.0)
     monkeypatch.setitem(PRESETS["tiny"]["pipeline"], "shift", 3.0)
     assert median_sigma() == median_sigma(sigma_shift=3.0) != median_sigma(sigma_shift=1.0)
+
+
+def test_transformer_overrides_regroup_heads_from_scratch_and_on_a_warm_start(tmp_path, tiny_checkpoint):
+    from causvid.models.denoiser import WanDenoiser
+    from causvid.objectives import TeacherObjective
+    from causvid.train import TrainConfig
+
+    config = TrainConfig.from_yaml(_config(tmp_path, "teacher", objective="teacher"))
+    narrower = {"num_attention_heads": 4, "attention_head_dim": 8}  # the tiny preset's width, 2 x 16
+    fresh = TeacherObjective(config, str(tiny_checkpoint / "vae"), preset_name="tiny", transformer=narrower)
+    assert (fresh.denoiser.config.num_attention_heads, fresh.denoiser.config.attention_head_dim) == (4, 8)
+
+    warm = TeacherObjective(config, str(tiny_checkpoint / "vae"), preset_name="tiny", init_from=str(tiny_checkpoint),
+                            transformer=narrower).denoiser.eval()
+    saved = WanDenoiser.from_pretrained(tiny_checkpoint / "teacher", block_frames=2).eval()
+    assert warm.config.num_attention_heads == 4 and saved.config.num_attention_heads == 2
+    saved_state = saved.state_dict()
+    assert all(torch.equal(value, saved_state[key]) for key, value in warm.state_dict().items())
+    # Same weights, attention regrouped into other heads: a different function.
+    text, x, sigma = torch.randn(1, 32, 384), torch.randn(1, 4, 4, 8, 8), torch.tensor([0.7])
+    with torch.no_grad():
+        assert not torch.allclose(warm(x, sigma, text), saved(x, sigma, text), atol=1e-4)
