@@ -70,8 +70,11 @@ def compare(
 
 
 def summary(report: dict, split: str = "all") -> dict[str, float | None]:
-    """The split's metric means of a shapes-bench report (what the ablation table shows)."""
-    return {name: report["splits"][split][name] for name in METRICS}
+    """The split's metric means of a shapes-bench report (what the ablation table shows).
+
+    A metric that a record made before it existed lacks is None, as one that could not be measured.
+    """
+    return {name: report["splits"][split].get(name) for name in METRICS}
 
 
 def ablation_table(reports: dict[str, dict], split: str = "all") -> str:

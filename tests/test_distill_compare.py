@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 from causvid.cli import main
@@ -28,6 +29,11 @@ def test_ablation_table_has_a_row_per_run_and_a_column_per_metric(tiny_pipeline)
     lines = ablation_table({"DMD": report, "no ODE init": report}).splitlines()
     assert len(lines) == 4 and all(name in lines[0] for name in METRICS)
     assert lines[2].startswith("| DMD |") and lines[3].startswith("| no ODE init |")
+    # A record from before a metric existed (e.g. travel) still tabulates, with "-" for it.
+    older = copy.deepcopy(report)
+    del older["splits"]["all"]["travel"]
+    row = ablation_table({"older": older}).splitlines()[2].split(" | ")
+    assert row[list(METRICS).index("travel") + 1] == "-"
 
 
 def test_compare_and_drift_commands_print_json(tiny_checkpoint, tmp_path, capsys):
