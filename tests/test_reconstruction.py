@@ -47,3 +47,17 @@ def test_the_first_frame_is_pooled_apart_from_the_rest():
     assert report["first_frame_psnr_db"] == pytest.approx(10 * torch.log10(torch.tensor(256.0)).item())
     assert report["later_frames_psnr_db"] > 100  # no error there: only the floor on the error
     assert "first frame 24.1 dB" in format_regions(report)
+
+
+def test_clip_psnrs_are_averaged_and_their_range_kept():
+    errors = ReconstructionError()
+    video = _square_on_black(6, 9)
+    for wrong_pixels in (1, 10):
+        reconstruction = video.clone()
+        reconstruction[:, :, 0, 0, :wrong_pixels] = 1.0  # pixels off by the full range
+        errors.add(reconstruction, video)
+    report = errors.report()
+    one, ten = (10 * torch.log10(torch.tensor(256.0 * video.shape[2] / n)).item() for n in (1, 10))
+    assert report["clip_psnr_db_range"] == pytest.approx([ten, one])
+    assert report["psnr_db"] == pytest.approx((one + ten) / 2)
+    assert f"clips from {ten:.1f} to {one:.1f} dB" in format_regions(report)

@@ -206,6 +206,8 @@ def test_eval_command_scores_an_autoencoder_round_trip(tiny_checkpoint, tmp_path
     report = json.loads(out.read_text())
     # A random-weight autoencoder destroys the picture: low PSNR, and the judge sees it.
     assert report["autoencoder_psnr_db"] < 15
+    low, high = report["autoencoder_clip_psnr_db_range"]
+    assert low <= report["autoencoder_psnr_db"] <= high
     regions = report["autoencoder_error_by_edge_distance"]
     assert sum(region["error_share"] for region in regions) == pytest.approx(1.0)
     assert report["splits"]["all"]["colour"] < 0.5

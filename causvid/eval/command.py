@@ -78,6 +78,7 @@ def _eval(args: argparse.Namespace) -> None:
 
         reconstruction = errors.report()
         report["autoencoder_psnr_db"] = reconstruction["psnr_db"]
+        report["autoencoder_clip_psnr_db_range"] = reconstruction["clip_psnr_db_range"]
         report["autoencoder_error_by_edge_distance"] = reconstruction["by_edge_distance"]
         report["autoencoder_first_frame_psnr_db"] = reconstruction["first_frame_psnr_db"]
         report["autoencoder_later_frames_psnr_db"] = reconstruction["later_frames_psnr_db"]

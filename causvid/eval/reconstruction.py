@@ -43,7 +43,8 @@ class ReconstructionError:
         return ["object", *(f"{k} px outside" for k in range(1, self.max_distance + 1)), "farther"]
 
     def report(self) -> dict:
-        """Mean PSNR over clips (dB), and per region: share of pixels, pooled PSNR, share of the error."""
+        """Mean PSNR over clips (dB) and its range, and per region: share of pixels, pooled PSNR, share
+        of the error."""
         regions = []
         for name, error, pixels in zip(self.region_names(), self.squared_error.tolist(), self.pixels.tolist()):
             regions.append({
@@ -53,7 +54,8 @@ class ReconstructionError:
                 "error_share": error / max(self.squared_error.sum().item(), 1e-12),
             })
         by_frame = {name: _pooled_psnr(self.frame_error[name], self.frame_pixels[name]) for name in self.frame_error}
-        return {"psnr_db": sum(self.psnrs) / len(self.psnrs), "clips": len(self.psnrs), "by_edge_distance": regions,
+        return {"psnr_db": sum(self.psnrs) / len(self.psnrs), "clips": len(self.psnrs),
+                "clip_psnr_db_range": [min(self.psnrs), max(self.psnrs)], "by_edge_distance": regions,
                 "first_frame_psnr_db": by_frame["first"], "later_frames_psnr_db": by_frame["later"]}
 
 
@@ -71,4 +73,5 @@ def format_regions(report: dict) -> str:
                      f"{100 * region['error_share']:6.1f}%")
     first, later = report["first_frame_psnr_db"], report["later_frames_psnr_db"]
     lines.append(f"first frame {first:.1f} dB, later frames {later:.1f} dB")
+    lines.append("clips from {:.1f} to {:.1f} dB".format(*report["clip_psnr_db_range"]))
     return "\n".join(lines)
