@@ -113,9 +113,9 @@ class AutoencoderObjective(Objective):
     edge's exact position is uncertain, L1 pays for the median (a hard edge in either place)
     and MSE, which PSNR measures, for the mean (a soft edge); 0 trains for PSNR alone.
     `log_per_clip` averages the log of each clip's error instead of pooling the errors: the
-    clip-mean PSNR is minus the mean of those logs, and pooling weighs each clip by its error,
-    so clean clips (small objects, grey backgrounds) count for little in it though they count
-    as much in that mean.
+    clip-mean PSNR is minus the mean of those logs, while pooling weighs each clip by its error,
+    so clean clips (small objects, grey backgrounds) count for little in a pooled loss though
+    they count fully in that mean.
     """
 
     def __init__(self, config, preset_name: str = "shapes", kl_weight: float = 1e-6, object_weight: float = 10.0,
