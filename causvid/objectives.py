@@ -280,13 +280,12 @@ class TeacherObjective(Objective):
         self.autoencoder = VideoAutoencoder.from_pretrained(autoencoder).eval().requires_grad_(False)
         self.text_encoder = load_text_encoder(self.pipeline_config.text_encoder)
         self.text_encoder.cache_size = 4096
-        block_frames = self.pipeline_config.block_frames
+        block_frames, overrides = self.pipeline_config.block_frames, transformer or {}
         if init_from is not None:  # continue from a trained pipeline's teacher (e.g. the shipped one)
             self.denoiser = WanDenoiser.from_pretrained(Path(init_from) / "teacher", block_frames,
-                                                        **transformer or {}).float().train()
+                                                        **overrides).float().train()
         else:
-            self.denoiser = WanDenoiser(build_transformer(preset_name, config.seed, **transformer or {}),
-                                        block_frames).train()
+            self.denoiser = WanDenoiser(build_transformer(preset_name, config.seed, **overrides), block_frames).train()
         if coordinates and not self.denoiser.reads_coordinates:
             self.denoiser = self.denoiser.with_coordinates().train()
         self.caption_dropout = caption_dropout
