@@ -53,6 +53,40 @@ def test_default_prompt_set_covers_held_out_and_spreads_seen_cases():
     assert len(default_prompt_set(num_seen=4, num_pairs=0)) == 4 + len(HELD_OUT)
 
 
+def test_prompt_set_of_a_restricted_world_stays_inside_it():
+    directions = ["left", "right", "up", "down"]
+    narrow = {"colour": ["red"], "shape": ["circle"], "size": ["large"], "background": ["black"], "motion": directions}
+    cases = default_prompt_set(num_pairs=0, restrict=narrow)
+    # Sixteen draws from four possible scenes: each scene once, every direction covered.
+    assert sorted(c.scene.objects[0].motion for c in cases) == sorted(directions)
+    assert all(c.split == "seen" and c.scene.background == "black" for c in cases)
+    # Only the held-out combinations inside the restriction are kept, on allowed sizes and backgrounds.
+    cases = default_prompt_set(num_pairs=0, restrict={"motion": directions, "size": ["small"], "background": ["gray"]})
+    held_out = [c.scene.objects[0] for c in cases if c.split == "held_out"]
+    assert sorted((o.colour, o.shape, o.motion) for o in held_out) == sorted(
+        combination for combination in HELD_OUT if combination[2] in directions
+    )
+    assert all(o.size == "small" for o in held_out) and {c.scene.background for c in cases} == {"gray"}
+    with pytest.raises(ValueError, match="no valid seen scene of 2 objects"):
+        default_prompt_set(num_pairs=1, restrict=narrow)
+
+
+def test_eval_command_prompts_within_a_restricted_world(tmp_path):
+    import json
+
+    from causvid.cli import main
+
+    out = tmp_path / "gt.json"
+    assert main(["eval", "--ground-truth", "--restrict", "colour=red,blue", "--restrict", "motion=left,right",
+                 "--num-seen", "4", "--num-pairs", "0", "--seeds", "0", "--frames", "9", "-o", str(out)]) == 0
+    objects = [obj for case in json.loads(out.read_text())["cases"] for obj in case["scene"]["objects"]]
+    assert objects and {obj["colour"] for obj in objects} <= {"red", "blue"}
+    assert {obj["motion"] for obj in objects} <= {"left", "right"}
+    assert main(["eval", "--ground-truth", "--restrict", "speed=fast", "--frames", "9"]) == 2
+    with pytest.raises(SystemExit):
+        main(["eval", "--ground-truth", "--restrict", "colour"])
+
+
 def test_ground_truth_reaches_the_ceiling():
     cases = [c for c in default_prompt_set(num_seen=6, num_pairs=1)]
     report = run_bench(None, cases, num_frames=33, seeds=(0,))

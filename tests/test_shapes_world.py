@@ -71,6 +71,41 @@ def test_held_out_combinations_appear_when_included():
     assert all(len(scene.objects) == 1 for scene in scenes)
 
 
+def test_restricted_world_draws_only_the_allowed_values():
+    restrict = {"colour": ["blue", "red"], "motion": ["left", "right", "up", "down"], "background": ["white"]}
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, restrict=restrict) for _ in range(500)]
+    objects = [obj for scene in scenes for obj in scene.objects]
+    assert {scene.background for scene in scenes} == {"white"}
+    assert {obj.colour for obj in objects} == {"red", "blue"}
+    assert {obj.motion for obj in objects} == {"left", "right", "up", "down"}
+    assert {obj.shape for obj in objects} == set(SHAPES)  # unrestricted attributes keep every value
+    assert not any(is_held_out(obj) for obj in objects)  # ("red", "triangle", "up") is still held out
+    # One allowed colour cannot fill a two-object scene: scenes then hold one object.
+    rng = np.random.default_rng(0)
+    assert {len(sample_scene(rng, restrict={"colour": ["red"]}).objects) for _ in range(50)} == {1}
+    world = ShapesWorld(num_frames=5, length=20, max_objects=1, restrict={"shape": ["square"], "size": ["small"]})
+    assert {(obj.shape, obj.size) for item in world for obj in scene_from_json(item["scene"]).objects} == {
+        ("square", "small")
+    }
+
+
+@pytest.mark.parametrize(
+    "restrict, message",
+    [
+        ({"speed": ["fast"]}, "cannot restrict 'speed'"),
+        ({"colour": ["purple"]}, "unknown colour 'purple'"),
+        ({"colour": "red"}, "non-empty list"),
+        ({"motion": []}, "non-empty list"),
+        ({"colour": ["white"], "background": ["white", "black"]}, "visible on a white background"),
+        ({"colour": ["red"], "shape": ["triangle"], "motion": ["up"]}, "held out"),
+    ],
+)
+def test_impossible_restrictions_are_rejected_when_the_world_is_made(restrict, message):
+    with pytest.raises(ValueError, match=message):
+        ShapesWorld(restrict=restrict)
+
+
 def test_invalid_scenes_are_rejected():
     with pytest.raises(ValueError, match="invisible"):
         single(colour="white", background="white")

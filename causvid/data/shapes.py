@@ -13,8 +13,9 @@ compositional generalisation.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,22 +130,69 @@ def scene_from_json(text: str) -> SceneSpec:
 # Sampling
 
 
-def sample_scene(rng: np.random.Generator, include_held_out: bool = False, max_objects: int = 2) -> SceneSpec:
-    """Sample a random scene; held-out combinations are excluded unless asked for."""
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
+    "background": tuple(BACKGROUNDS),
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "size": SIZES,
+    "motion": MOTIONS,
+}
+
+
+def restricted_values(
+    restrict: Mapping[str, Sequence[str]] | None = None, include_held_out: bool = False
+) -> dict[str, tuple[str, ...]]:
+    """The values each attribute may take: all of them, or the subsets ``restrict`` names.
+
+    A narrowed world (say one colour and only the four directions) isolates what a model
+    can learn; worlds with no scene to draw, such as white objects on white alone or only
+    held-out combinations, are rejected here.
+    """
+    values = dict(ATTRIBUTE_VALUES)
+    for attribute, allowed in (restrict or {}).items():
+        if attribute not in values:
+            raise ValueError(f"cannot restrict {attribute!r}; expected one of {tuple(values)}")
+        if isinstance(allowed, str) or not allowed:
+            raise ValueError(f"restrict[{attribute!r}] must be a non-empty list of values, got {allowed!r}")
+        for value in allowed:
+            _check_choice(attribute, value, values[attribute])
+        values[attribute] = tuple(v for v in values[attribute] if v in allowed)  # keep the canonical order
+    for background in values["background"]:
+        if all(COLOURS[colour] == BACKGROUNDS[background] for colour in values["colour"]):
+            raise ValueError(f"no allowed object colour is visible on a {background} background")
+    combinations = itertools.product(values["colour"], values["shape"], values["motion"])
+    if not include_held_out and all(combination in HELD_OUT for combination in combinations):
+        raise ValueError("every allowed (colour, shape, motion) is held out; set include_held_out to draw them")
+    return values
+
+
+def sample_scene(
+    rng: np.random.Generator,
+    include_held_out: bool = False,
+    max_objects: int = 2,
+    restrict: Mapping[str, Sequence[str]] | None = None,
+) -> SceneSpec:
+    """Sample a random scene; held-out combinations are excluded unless asked for.
+
+    ``restrict`` narrows attributes to the listed values (``restricted_values``).
+    """
     # Seven colours are always visible on a background, and object colours must differ.
     if not 1 <= max_objects <= len(COLOURS) - 1:
         raise ValueError(f"max_objects must be between 1 and {len(COLOURS) - 1}, got {max_objects}")
-    background = str(rng.choice(list(BACKGROUNDS)))
+    values = restricted_values(restrict, include_held_out)
+    background = str(rng.choice(list(values["background"])))
     num_objects = int(rng.integers(1, max_objects + 1))
     objects: list[ObjectSpec] = []
     while len(objects) < num_objects:
         taken = {BACKGROUNDS[background]} | {COLOURS[obj.colour] for obj in objects}
-        colours = [name for name, rgb in COLOURS.items() if rgb not in taken]
+        colours = [name for name in values["colour"] if COLOURS[name] not in taken]
+        if not colours:  # a narrowed palette can run out before the second object
+            break
         obj = ObjectSpec(
-            shape=str(rng.choice(SHAPES)),
+            shape=str(rng.choice(list(values["shape"]))),
             colour=str(rng.choice(colours)),
-            size=str(rng.choice(SIZES)),
-            motion=str(rng.choice(MOTIONS)),
+            size=str(rng.choice(list(values["size"]))),
+            motion=str(rng.choice(list(values["motion"]))),
         )
         if include_held_out or not is_held_out(obj):
             objects.append(obj)
@@ -331,8 +379,10 @@ class ShapesWorld(torch.utils.data.Dataset):
         include_held_out: bool = False,
         length: int = 10**9,
         max_objects: int = 2,
+        restrict: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         check_num_frames(num_frames)
+        restricted_values(restrict, include_held_out)  # a bad restriction fails here, not mid-training
         self.num_frames = num_frames
         self.height = height
         self.width = width
@@ -340,6 +390,7 @@ class ShapesWorld(torch.utils.data.Dataset):
         self.include_held_out = include_held_out
         self.length = length
         self.max_objects = max_objects
+        self.restrict = restrict
 
     def __len__(self) -> int:
         return self.length
@@ -348,7 +399,7 @@ class ShapesWorld(torch.utils.data.Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for ShapesWorld of length {self.length}")
         rng = np.random.default_rng([self.seed, index])
-        scene = sample_scene(rng, self.include_held_out, self.max_objects)
+        scene = sample_scene(rng, self.include_held_out, self.max_objects, self.restrict)
         clip = render_clip(scene, self.num_frames, self.height, self.width, rng)
         caption = random_caption(scene, rng)
         return {"video": clip_to_tensor(clip), "caption": caption, "scene": scene_to_json(scene)}

@@ -35,7 +35,7 @@ def autoencoder_round_trip(autoencoder, errors: ReconstructionError):
 def _eval(args: argparse.Namespace) -> None:
     if args.from_noise_level is not None and not args.teacher:
         raise ValueError("--from-noise-level needs --teacher")
-    cases = default_prompt_set(num_seen=args.num_seen)
+    cases = default_prompt_set(num_seen=args.num_seen, num_pairs=args.num_pairs, restrict=dict(args.restrict or ()))
     if args.word_probe:
         return _word_probe(args, cases)
     generate, transform, height, width = None, None, 64, 64
@@ -124,6 +124,14 @@ def _word_probe(args: argparse.Namespace, cases) -> None:
         print(f"wrote {args.output}")
 
 
+def restriction(text: str) -> tuple[str, list[str]]:
+    """argparse type of --restrict: "motion=left,right" -> ("motion", ["left", "right"])."""
+    attribute, sep, values = text.partition("=")
+    if not sep or not attribute or not values:
+        raise argparse.ArgumentTypeError(f"expected ATTRIBUTE=VALUE[,VALUE...], got {text!r}")
+    return attribute, values.split(",")
+
+
 def register(subparsers) -> None:
     from causvid.cli import add_checkpoint_args
 
@@ -141,6 +149,10 @@ def register(subparsers) -> None:
     parser.add_argument("--frames", type=int, default=21)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--num-seen", type=int, default=16, help="seen single-object prompts in the set")
+    parser.add_argument("--num-pairs", type=int, default=2, help="seen two-object prompts in the set")
+    parser.add_argument("--restrict", type=restriction, action="append", default=None, metavar="ATTRIBUTE=V1,V2",
+                        help="prompt only within a narrowed world, as a training config's data.restrict "
+                             "(repeatable, e.g. --restrict colour=red --restrict motion=left,right,up,down)")
     parser.add_argument("-o", "--output", type=Path, default=None, help="write the full JSON report here")
     parser.add_argument("--sheet", type=Path, default=None, help="write a contact-sheet PNG here")
     parser.add_argument("--sheet-rows", type=int, default=8)

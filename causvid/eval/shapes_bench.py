@@ -18,7 +18,7 @@ import itertools
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from causvid.data.shapes import (
     is_held_out,
     object_radius,
     render_clip,
+    restricted_values,
     scene_to_json,
 )
 
@@ -104,27 +105,44 @@ class BenchCase:
 # Prompt set
 
 
-def default_prompt_set(num_seen: int = 16, seed: int = 0, num_pairs: int = 2) -> list[BenchCase]:
+def default_prompt_set(
+    num_seen: int = 16, seed: int = 0, num_pairs: int = 2, restrict: Mapping[str, Sequence[str]] | None = None
+) -> list[BenchCase]:
     """``num_seen`` seen single-object scenes, ``num_pairs`` seen two-object scenes and
-    every held-out combination once (alternating sizes, on a background it is visible on)."""
-    seen = [BenchCase(scene, canonical_caption(scene), "seen") for scene in _seen_scenes(num_seen, num_pairs, seed)]
+    every held-out combination once (alternating sizes, on a background it is visible on).
+
+    ``restrict`` narrows the set to a world made with the same restriction (``ShapesWorld``):
+    held-out combinations outside it are left out, and scenes drawn twice are kept once.
+    """
+    values = restricted_values(restrict, include_held_out=True)
+    scenes = list(dict.fromkeys(_seen_scenes(num_seen, num_pairs, seed, values)))
+    seen = [BenchCase(scene, canonical_caption(scene), "seen") for scene in scenes]
     held_out = []
     for index, (colour, shape, motion) in enumerate(HELD_OUT):
-        visible_on = [name for name, rgb in BACKGROUNDS.items() if rgb != COLOURS[colour]]
-        scene = SceneSpec(visible_on[index % len(visible_on)], (ObjectSpec(shape, colour, SIZES[index % 2], motion),))
+        if colour not in values["colour"] or shape not in values["shape"] or motion not in values["motion"]:
+            continue
+        size = SIZES[index % 2] if SIZES[index % 2] in values["size"] else values["size"][0]
+        visible_on = [name for name in values["background"] if BACKGROUNDS[name] != COLOURS[colour]]
+        if not visible_on:
+            continue
+        scene = SceneSpec(visible_on[index % len(visible_on)], (ObjectSpec(shape, colour, size, motion),))
         held_out.append(BenchCase(scene, canonical_caption(scene), "held_out"))
     return seen + held_out
 
 
-def _seen_scenes(num_single: int, num_pairs: int, seed: int) -> list[SceneSpec]:
+# Give up on a restriction that cannot fill a scene (e.g. one colour for a two-object scene).
+MAX_SCENE_ATTEMPTS = 200
+
+
+def _seen_scenes(num_single: int, num_pairs: int, seed: int, values: dict[str, tuple[str, ...]]) -> list[SceneSpec]:
     """Seen scenes whose attribute values are spread evenly: each is drawn among the least used so far."""
     rng = np.random.default_rng(seed)
     shapes, colours, sizes, motions, backgrounds = (
-        _EvenDraw(values, rng) for values in (SHAPES, tuple(COLOURS), SIZES, MOTIONS, tuple(BACKGROUNDS))
+        _EvenDraw(values[name], rng) for name in ("shape", "colour", "size", "motion", "background")
     )
     scenes = []
     for num_objects in [1] * num_single + [2] * num_pairs:
-        for attempt in itertools.count():
+        for attempt in range(MAX_SCENE_ATTEMPTS):
             # The least used values may only form invalid scenes; widen the choice as attempts fail.
             slack = attempt // 5
             objects = tuple(
@@ -134,6 +152,8 @@ def _seen_scenes(num_single: int, num_pairs: int, seed: int) -> list[SceneSpec]:
             scene = _valid_seen_scene(backgrounds.draw(slack), objects)
             if scene is not None:
                 break
+        else:
+            raise ValueError(f"no valid seen scene of {num_objects} objects in this restricted world; ask for fewer")
         for obj in scene.objects:
             for draws, value in ((shapes, obj.shape), (colours, obj.colour), (sizes, obj.size), (motions, obj.motion)):
                 draws.use(value)
