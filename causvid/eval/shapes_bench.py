@@ -14,7 +14,6 @@ MAWE-style optical-flow warp error. The same analysis on ground-truth clips from
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import time
 from collections import Counter
@@ -33,7 +32,6 @@ from causvid.data.shapes import (
     HELD_OUT,
     MOTIONS,
     REFERENCE_SIZE,
-    SHAPES,
     SIZES,
     ObjectSpec,
     SceneSpec,
