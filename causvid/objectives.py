@@ -19,7 +19,7 @@ from causvid.models.autoencoder import TEMPORAL_FACTOR, VideoAutoencoder
 from causvid.models.denoiser import WanDenoiser
 from causvid.pipeline import CausVidPipeline, PipelineConfig, to_uint8
 from causvid.presets import build_autoencoder, build_transformer, preset
-from causvid.schedule import add_noise, shift_sigma, velocity_target
+from causvid.schedule import add_noise, randn_like, shift_sigma, velocity_target
 from causvid.text import load_text_encoder
 from causvid.train import Objective
 from causvid.video_io import write_video
@@ -172,13 +172,13 @@ class AutoencoderObjective(Objective):
         logs = {"psnr": psnr(reconstruction, video), "kl": kl.item(), "context_frames": context}
         return {"autoencoder": (recon + self.kl_weight * kl, logs)}
 
-    def _fixed_clips(self, count: int) -> torch.Tensor:
+    def _fixed_clips(self, count: int, device: torch.device) -> torch.Tensor:
         data = ShapesWorld(**{k: v for k, v in self.config.data.items() if k != "type"} | {"seed": 10_000})
-        return torch.stack([data[i]["video"] for i in range(count)])
+        return torch.stack([data[i]["video"] for i in range(count)]).to(device)
 
     @torch.no_grad()
     def sample(self, ema, out_dir, step):
-        clips = self._fixed_clips(4)
+        clips = self._fixed_clips(4, next(ema["autoencoder"].parameters()).device)
         reconstruction = ema["autoencoder"].decode(ema["autoencoder"].encode(clips))
         side_by_side = torch.cat([clips, reconstruction], dim=4)  # original | reconstruction
         for i in range(len(clips)):
@@ -194,7 +194,7 @@ class AutoencoderObjective(Objective):
         """
         autoencoder: VideoAutoencoder = ema["autoencoder"]
         if not self.freeze_encoder:
-            clips = self._fixed_clips(self.stats_clips)
+            clips = self._fixed_clips(self.stats_clips, next(autoencoder.parameters()).device)
             latents = torch.cat([autoencoder.vae.encode(c).latent_dist.mode() for c in clips.split(1)])
             mean = latents.mean(dim=(0, 2, 3, 4))
             std = latents.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
@@ -223,28 +223,31 @@ class LatentBank(torch.utils.data.Dataset):
 
     @classmethod
     @torch.no_grad()
-    def build_or_load(cls, path: Path, autoencoder: VideoAutoencoder, data: dict, size: int, seed: int) -> "LatentBank":
+    def build_or_load(cls, path: Path, autoencoder: VideoAutoencoder, data: dict, size: int, seed: int,
+                      workers: int = 0) -> "LatentBank":
         """Load the bank at `path` (.safetensors + .json scenes) if present, else encode `size` clips.
 
         A bank saved before object masks existed gets them added: the world re-renders its
         clips exactly (item i is a pure function of the seed and i), so nothing is re-encoded.
+        `workers` processes render the clips while the autoencoder encodes.
         """
         from tqdm import tqdm
 
+        device = next(autoencoder.parameters()).device
         scenes_path = path.with_suffix(".json")
         saved = load_tensors(path) if path.exists() and scenes_path.exists() else {}
         if "object_masks" not in saved:
             encode = "latents" not in saved
             size = size if encode else len(saved["latents"])
-            world = build_dataset(data)
+            batches = [range(start, min(size, start + 32)) for start in range(0, size, 32)]
+            loader = torch.utils.data.DataLoader(build_dataset(data), batch_sampler=batches, num_workers=workers)
             latents, masks, scenes = [], [], []
-            for start in tqdm(range(0, size, 16), desc="building latent bank", unit="batch"):
-                items = [world[i] for i in range(start, min(size, start + 16))]
-                video = torch.stack([it["video"] for it in items])
-                masks.append(latent_object_mask(video, autoencoder.spatial_factor))
+            for items in tqdm(loader, desc="building latent bank", unit="batch"):
+                video = items["video"].to(device)
+                masks.append(latent_object_mask(video, autoencoder.spatial_factor).cpu())
                 if encode:
-                    latents.append(autoencoder.encode(video).to(torch.bfloat16))
-                    scenes.extend(it["scene"] for it in items)
+                    latents.append(autoencoder.encode(video).to("cpu", torch.bfloat16))
+                    scenes.extend(items["scene"])
             if encode:
                 saved["latents"] = torch.cat(latents)
                 atomic_write_json(scenes_path, {"scenes": scenes})
@@ -304,9 +307,19 @@ class TeacherObjective(Objective):
     def trainable(self):
         return {"teacher": self.denoiser}
 
+    def place(self) -> torch.device:
+        """Move the frozen autoencoder and text encoder to the device the loop put the teacher on."""
+        device = next(self.denoiser.parameters()).device
+        if self.text_encoder.device != device:
+            self.autoencoder.to(device)
+            self.text_encoder.to(device)
+        return device
+
     def dataset(self):
+        self.place()
         path = Path(self.config.out_dir) / "latent_bank.safetensors"
-        return LatentBank.build_or_load(path, self.autoencoder, self.config.data, self.bank_size, self.config.seed)
+        return LatentBank.build_or_load(path, self.autoencoder, self.config.data, self.bank_size, self.config.seed,
+                                        self.config.num_workers)
 
     def losses(self, models, batch, step, generator):
         x0 = batch["latents"]
@@ -314,10 +327,11 @@ class TeacherObjective(Objective):
         # Caption dropout: the empty prompt stands for "unconditional", as at sampling time.
         drop = torch.rand(batch_size, generator=generator) < self.caption_dropout
         captions = [self.pipeline_config.negative_prompt if d else c for d, c in zip(drop.tolist(), batch["caption"])]
+        self.place()
         text = self.text_encoder.encode(captions)
-        noise = torch.randn(x0.shape, generator=generator)
+        noise = randn_like(x0, generator)
         # By default levels follow the sampler's shifted schedule, where it spends its steps.
-        sigma = shift_sigma(torch.rand(batch_size, generator=generator), self.sigma_shift)
+        sigma = shift_sigma(torch.rand(batch_size, generator=generator), self.sigma_shift).to(x0.device)
         velocity = models["teacher"](add_noise(x0, noise, sigma), sigma, text)
         mask = batch["object_mask"]
         weights = (1 + self.object_weight * mask.float() + self.motion_weight * motion_cells(mask).float())[:, None]
@@ -331,7 +345,7 @@ class TeacherObjective(Objective):
 
     @torch.no_grad()
     def sample(self, ema, out_dir, step):
-        pipe = self.pipeline(ema["teacher"]).to("cpu", torch.float32)
+        pipe = self.pipeline(ema["teacher"]).to(self.place(), torch.float32)
         frames = self.config.data.get("num_frames", 21)
         for i, prompt in enumerate(self.sample_prompts):
             video = pipe.generate(prompt, frames, seed=i, teacher=True, steps=self.sample_steps)

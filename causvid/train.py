@@ -53,6 +53,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_minutes: float | None = None  # checkpoint and stop cleanly before a session ends
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    num_workers: int = 0  # data loader processes (video decoding, captions) beside the training one
     data: dict[str, Any] = field(default_factory=dict)
     objective_args: dict[str, Any] = field(default_factory=dict)
 
@@ -216,7 +217,8 @@ def load_checkpoint(out_dir: Path, modules, optimizers, emas) -> int:
             module.load_state_dict(load_tensors(path / f"{name}.safetensors"))
         except RuntimeError as error:
             raise CheckpointError(f"{path / (name + '.safetensors')}: does not match the model ({str(error).splitlines()[0]})") from None
-        emas[name].shadow = load_tensors(path / f"{name}_ema.safetensors")
+        device = next(module.parameters()).device
+        emas[name].shadow = {k: v.to(device) for k, v in load_tensors(path / f"{name}_ema.safetensors").items()}
         # Checkpoints from before the EMA warm-up existed: one update per step.
         emas[name].updates = int(meta.get("ema_updates", {}).get(name, step))
         _load_optimizer(optimizers[name], "opt", load_tensors(path / f"{name}_optimizer.safetensors"), meta["param_groups"][name])
@@ -279,7 +281,8 @@ def train(config: TrainConfig, objective: Objective) -> int:
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "config.json", asdict(config))
-    modules = objective.trainable()
+    # On the accelerator's device before the optimisers and EMAs are built, so their state lives there too.
+    modules = {name: module.to(accelerator.device) for name, module in objective.trainable().items()}
     optimizers = {
         name: torch.optim.AdamW(
             [p for p in module.parameters() if p.requires_grad],
@@ -300,7 +303,7 @@ def train(config: TrainConfig, objective: Objective) -> int:
     dataset = objective.dataset()
     batches = StepBatches(start, config.max_steps, config.batch_size, accelerator.num_processes,
                           accelerator.process_index, len(dataset))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers)
     log = MetricsLog(out_dir / "metrics.csv", start) if accelerator.is_main_process else None
 
     stop = {"signal": False}

@@ -26,9 +26,9 @@ from causvid.models.autoencoder import num_latent_frames
 from causvid.models.denoiser import WanDenoiser
 from causvid.rollout import CausalRollout
 from causvid.samplers import guided_velocity
-from causvid.schedule import add_noise, shift_sigma, velocity_target, x0_from_velocity
+from causvid.schedule import add_noise, randn_like, shift_sigma, velocity_target, x0_from_velocity
 from distill.self_forcing import self_forcing_rollout
-from distill.student import StudentObjective, block_levels, randn_like
+from distill.student import StudentObjective, block_levels
 
 
 def dmd_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:

@@ -52,11 +52,6 @@ def block_levels(batch: int, frames: int, block_frames: int, num_levels: int, ge
     return level.repeat_interleave(block_frames, dim=1)[:, :frames]
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise shaped like `x`, drawn on the CPU generator (so resume is exact on any device)."""
-    return torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
-
-
 def teacher_weights(pipeline_dir: str | Path) -> Path:
     """The teacher's transformer directory of a pipeline: teacher/, or transformer/ in a teacher-only export."""
     path = Path(pipeline_dir)

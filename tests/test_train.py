@@ -121,6 +121,30 @@ def test_teacher_objective_trains_and_exports_a_pipeline(tmp_path):
     assert main(["train", "autoencoder", "--config", str(path)]) == 2
 
 
+def test_loader_workers_change_neither_the_bank_nor_the_losses(tmp_path):
+    autoencoder = _config(tmp_path, "ae", max_steps=1)
+    assert main(["train", "autoencoder", "--config", str(autoencoder)]) == 0
+    runs = {}
+    for workers in (0, 2):
+        run = tmp_path / f"teacher_{workers}"
+        teacher = {
+            "objective": "teacher", "out_dir": str(run), "max_steps": 3, "batch_size": 2, "num_workers": workers,
+            "lr": {"teacher": 1e-4}, "log_every": 1, "sample_every": 100, "checkpoint_every": 3,
+            "data": {"type": "shapes", "num_frames": 9, "height": 32, "width": 32, "seed": 0},
+            "objective_args": {"autoencoder": str(tmp_path / "ae" / "export"), "preset_name": "tiny",
+                               "bank_size": 5},
+        }
+        path = tmp_path / f"teacher_{workers}.yaml"
+        path.write_text(yaml.safe_dump(teacher))
+        assert main(["train", "teacher", "--config", str(path)]) == 0
+        with open(run / "metrics.csv", newline="") as handle:
+            runs[workers] = ([r["loss_teacher"] for r in csv.DictReader(handle)],
+                             load_tensors(run / "latent_bank.safetensors"))
+    (losses, bank), (losses_with_workers, bank_with_workers) = runs[0], runs[2]
+    assert len(losses) == 3 and losses == losses_with_workers
+    assert all(torch.equal(bank[k], bank_with_workers[k]) for k in bank)
+
+
 def test_config_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"objective": "autoencoder", "learning_rate": 1}))
