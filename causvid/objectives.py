@@ -307,16 +307,11 @@ class TeacherObjective(Objective):
     def trainable(self):
         return {"teacher": self.denoiser}
 
-    def place(self) -> torch.device:
-        """Move the frozen autoencoder and text encoder to the device the loop put the teacher on."""
-        device = next(self.denoiser.parameters()).device
-        if self.text_encoder.device != device:
-            self.autoencoder.to(device)
-            self.text_encoder.to(device)
-        return device
+    def place(self, device: torch.device) -> None:
+        self.autoencoder.to(device)
+        self.text_encoder.to(device)
 
     def dataset(self):
-        self.place()
         path = Path(self.config.out_dir) / "latent_bank.safetensors"
         return LatentBank.build_or_load(path, self.autoencoder, self.config.data, self.bank_size, self.config.seed,
                                         self.config.num_workers)
@@ -327,7 +322,6 @@ class TeacherObjective(Objective):
         # Caption dropout: the empty prompt stands for "unconditional", as at sampling time.
         drop = torch.rand(batch_size, generator=generator) < self.caption_dropout
         captions = [self.pipeline_config.negative_prompt if d else c for d, c in zip(drop.tolist(), batch["caption"])]
-        self.place()
         text = self.text_encoder.encode(captions)
         noise = randn_like(x0, generator)
         # By default levels follow the sampler's shifted schedule, where it spends its steps.
@@ -345,7 +339,7 @@ class TeacherObjective(Objective):
 
     @torch.no_grad()
     def sample(self, ema, out_dir, step):
-        pipe = self.pipeline(ema["teacher"]).to(self.place(), torch.float32)
+        pipe = self.pipeline(ema["teacher"]).to(next(ema["teacher"].parameters()).device, torch.float32)
         frames = self.config.data.get("num_frames", 21)
         for i, prompt in enumerate(self.sample_prompts):
             video = pipe.generate(prompt, frames, seed=i, teacher=True, steps=self.sample_steps)

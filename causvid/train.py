@@ -80,6 +80,9 @@ class Objective:
         """Optimiser name -> module. Each gets its own AdamW, learning rate and EMA."""
         raise NotImplementedError
 
+    def place(self, device: torch.device) -> None:
+        """Move the frozen models the objective uses to `device`, where the loop put the trainable ones."""
+
     def dataset(self) -> torch.utils.data.Dataset:
         raise NotImplementedError
 
@@ -283,6 +286,7 @@ def train(config: TrainConfig, objective: Objective) -> int:
         atomic_write_json(out_dir / "config.json", asdict(config))
     # On the accelerator's device before the optimisers and EMAs are built, so their state lives there too.
     modules = {name: module.to(accelerator.device) for name, module in objective.trainable().items()}
+    objective.place(accelerator.device)
     optimizers = {
         name: torch.optim.AdamW(
             [p for p in module.parameters() if p.requires_grad],

@@ -146,7 +146,7 @@ class DMDObjective(StudentObjective):
         return {"generator": self.generator, "critic": self.critic}
 
     def losses(self, models, batch, step, generator):
-        device = self.place(models)
+        device = self.device
         text = self.encode(batch["caption"], device)
         train_generator = step % self.generator_every == 0
         # Between generator updates the samples only feed the critic: no graph needed.

@@ -56,7 +56,7 @@ class OdeInitObjective(StudentObjective):
         return self.pairs
 
     def losses(self, models, batch, step, generator):
-        device = self.place(models)
+        device = self.device
         text = self.encode(batch["caption"], device)
         loss = ode_regression_loss(models["generator"], batch["trajectory"].to(device), self.sigmas, text,
                                    self.pipeline_config.block_frames, generator)

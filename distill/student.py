@@ -75,7 +75,7 @@ class StudentObjective(Objective):
         self.teacher = pipe.teacher.requires_grad_(False)
         self.sample_cases = default_prompt_set(num_seen=sample_cases, num_pairs=0)[:sample_cases]
         self.sample_frames = sample_frames
-        self._device = torch.device("cpu")
+        self.device = torch.device("cpu")
 
     def load_student(self, pipeline_dir: str | Path | None = None) -> WanDenoiser:
         """The causal student: a pipeline's transformer/, or (None) a fresh copy of the teacher's weights."""
@@ -85,14 +85,10 @@ class StudentObjective(Objective):
     def dataset(self):
         return build_dataset(self.config.data)
 
-    def place(self, models: dict[str, torch.nn.Module]) -> torch.device:
-        """Move the frozen models to the device the loop put the trainable ones on (once)."""
-        device = next(models["generator"].parameters()).device
-        if device != self._device:
-            self.teacher.to(device)
-            self.text_encoder.to(device)
-            self._device = device
-        return device
+    def place(self, device: torch.device) -> None:
+        self.teacher.to(device)
+        self.text_encoder.to(device)
+        self.device = device
 
     def encode(self, captions: list[str], device: torch.device) -> torch.Tensor:
         return self.text_encoder.encode(captions).to(device)
