@@ -145,6 +145,38 @@ def test_loader_workers_change_neither_the_bank_nor_the_losses(tmp_path):
     assert all(torch.equal(bank[k], bank_with_workers[k]) for k in bank)
 
 
+def test_the_loop_places_frozen_models_beside_the_trainable_ones_before_data(tmp_path):
+    from causvid.train import Objective, TrainConfig, train
+
+    class Recorder(Objective):
+        def __init__(self):
+            self.model, self.events = torch.nn.Linear(2, 1), []
+
+        def trainable(self):
+            return {"model": self.model}
+
+        def place(self, device):
+            self.events.append(("place", torch.device(device).type, next(self.model.parameters()).device.type))
+
+        def dataset(self):
+            self.events.append(("dataset",))
+            return [{"x": torch.randn(2)} for _ in range(8)]
+
+        def losses(self, models, batch, step, generator):
+            self.events.append(("losses",))
+            return {"model": (models["model"](batch["x"]).square().mean(), {})}
+
+        def export(self, ema, out_dir):
+            pass
+
+    objective = Recorder()
+    train(TrainConfig(objective="recorder", out_dir=str(tmp_path / "run"), max_steps=2, batch_size=2), objective)
+    # Once, with the trainable module already there, and before the data (a latent bank encodes on it).
+    assert objective.events[:2] == [("place", "cpu", "cpu"), ("dataset",)]
+    assert objective.events.count(("place", "cpu", "cpu")) == 1
+    assert objective.events[2:] == [("losses",)] * 2
+
+
 def test_config_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"objective": "autoencoder", "learning_rate": 1}))
