@@ -130,3 +130,14 @@ def test_corrupt_video_names_the_file(tmp_path):
 def test_num_frames_is_validated(folder):
     with pytest.raises(ValueError, match="1 \\+ 4k"):
         VideoFolderDataset(folder, num_frames=8)
+
+
+def test_training_on_the_shapes_world_needs_no_pyav():
+    import subprocess
+    import sys
+
+    # A None entry in sys.modules makes `import av` fail, as on a machine without PyAV.
+    code = ("import sys; sys.modules['av'] = None; import causvid.objectives, causvid.data; "
+            "from causvid.data.shapes import ShapesWorld; ShapesWorld(num_frames=5, height=32, width=32)[0]")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

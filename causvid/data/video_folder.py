@@ -13,13 +13,16 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 import torch
 from PIL import Image
 
 from causvid.data.shapes import check_num_frames, clip_to_tensor
+
+if TYPE_CHECKING:
+    import av
 
 # Slack when comparing frame timestamps with sampling times (timestamps are rounded).
 TIMESTAMP_TOLERANCE_S = 1e-3
@@ -121,6 +124,8 @@ def _check_entry(path: Path, line: int, record: object) -> tuple[int, str, str]:
 
 def decode_frames(path: Path, num_frames: int, fps: float | None) -> list[Image.Image]:
     """Decode up to ``num_frames`` frames, sampled at ``fps`` (None = every frame)."""
+    import av  # here, not at the top: training on the shapes world should not need PyAV
+
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
