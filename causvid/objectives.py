@@ -17,6 +17,7 @@ from causvid.checkpoint import atomic_save_tensors, atomic_write_json, load_tens
 from causvid.data.shapes import ShapesWorld, random_caption, scene_from_json
 from causvid.models.autoencoder import TEMPORAL_FACTOR, VideoAutoencoder
 from causvid.models.denoiser import WanDenoiser
+from causvid.models.discriminator import PatchDiscriminator, adaptive_adversarial_weight, discriminator_hinge_loss
 from causvid.pipeline import CausVidPipeline, PipelineConfig, to_uint8
 from causvid.presets import build_autoencoder, build_transformer, preset
 from causvid.schedule import add_noise, randn_like, shift_sigma, velocity_target
@@ -116,12 +117,18 @@ class AutoencoderObjective(Objective):
     clip-mean PSNR is minus the mean of those logs, while pooling weighs each clip by its error,
     so clean clips (small objects, grey backgrounds) count for little in a pooled loss though
     they count fully in that mean.
+
+    `adversarial_weight` > 0 adds a `PatchDiscriminator` (its own optimiser, lr key
+    "discriminator") and a hinge GAN term against blur, scaled adaptively to the reconstruction
+    term's gradient (see `adaptive_adversarial_weight`); the discriminator trains from the first
+    step, the autoencoder feels it from `adversarial_start`, once it tells real from blurred.
     """
 
     def __init__(self, config, preset_name: str = "shapes", kl_weight: float = 1e-6, object_weight: float = 10.0,
                  object_margin: int = 0, stats_clips: int = 64, init_from: str | None = None,
                  freeze_encoder: bool = False, context_frames: tuple[int, ...] = (0,), target_frames: int = 16,
-                 first_frame_weight: float = 1.0, l1_weight: float = 1.0, log_per_clip: bool = False):
+                 first_frame_weight: float = 1.0, l1_weight: float = 1.0, log_per_clip: bool = False,
+                 adversarial_weight: float = 0.0, adversarial_start: int = 0, discriminator_channels: int = 32):
         self.config = config
         self.context_frames = tuple(context_frames)
         self.target_frames = target_frames
@@ -143,9 +150,14 @@ class AutoencoderObjective(Objective):
         self.l1_weight = l1_weight
         self.log_per_clip = log_per_clip
         self.stats_clips = stats_clips
+        self.adversarial_weight = adversarial_weight
+        self.adversarial_start = adversarial_start
+        self.discriminator = PatchDiscriminator(discriminator_channels) if adversarial_weight > 0 else None
 
     def trainable(self):
-        return {"autoencoder": self.autoencoder}
+        if self.discriminator is None:
+            return {"autoencoder": self.autoencoder}
+        return {"autoencoder": self.autoencoder, "discriminator": self.discriminator}
 
     def dataset(self):
         return build_dataset(self.config.data)
@@ -170,7 +182,20 @@ class AutoencoderObjective(Objective):
             recon = weighted.mean() / weights.mean()
         kl = posterior.kl().mean() / video[0].numel()
         logs = {"psnr": psnr(reconstruction, video), "kl": kl.item(), "context_frames": context}
-        return {"autoencoder": (recon + self.kl_weight * kl, logs)}
+        loss = recon + self.kl_weight * kl
+        if self.discriminator is None:
+            return {"autoencoder": (loss, logs)}
+        discriminator = models["discriminator"]
+        real_logits, fake_logits = discriminator(video), discriminator(reconstruction.detach().float())
+        discriminator_loss = discriminator_hinge_loss(real_logits, fake_logits)
+        discriminator_logs = {"real_logit": real_logits.mean().item(), "fake_logit": fake_logits.mean().item()}
+        if step >= self.adversarial_start:
+            adversarial = -discriminator(reconstruction.float()).mean()
+            weight = adaptive_adversarial_weight(recon, adversarial, self.autoencoder.vae.decoder.conv_out.weight)
+            loss = loss + self.adversarial_weight * weight * adversarial
+            logs.update(adversarial=adversarial.item(), adversarial_scale=weight.item())
+        # The loop steps in this order: the autoencoder's loss reads the discriminator before it steps.
+        return {"autoencoder": (loss, logs), "discriminator": (discriminator_loss, discriminator_logs)}
 
     def _fixed_clips(self, count: int, device: torch.device) -> torch.Tensor:
         data = ShapesWorld(**{k: v for k, v in self.config.data.items() if k != "type"} | {"seed": 10_000})

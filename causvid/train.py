@@ -286,6 +286,8 @@ def train(config: TrainConfig, objective: Objective) -> int:
         atomic_write_json(out_dir / "config.json", asdict(config))
     # On the accelerator's device before the optimisers and EMAs are built, so their state lives there too.
     modules = {name: module.to(accelerator.device) for name, module in objective.trainable().items()}
+    if missing := sorted(set(modules) - set(config.lr)):
+        raise ValueError(f"config lr has no entry for {missing}; this objective trains {sorted(modules)}")
     objective.place(accelerator.device)
     optimizers = {
         name: torch.optim.AdamW(

@@ -35,13 +35,13 @@ def _config(tmp_path: Path, name: str, **overrides) -> Path:
     return path
 
 
-def _losses(run: Path) -> dict[int, str]:
+def _losses(run: Path, column: str = "loss_autoencoder") -> dict[int, str]:
     with open(run / "metrics.csv", newline="") as handle:
-        return {int(r["step"]): r["loss_autoencoder"] for r in csv.DictReader(handle) if r.get("loss_autoencoder")}
+        return {int(r["step"]): r[column] for r in csv.DictReader(handle) if r.get(column)}
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_tensors(next(run.glob("checkpoint-*")) / "autoencoder.safetensors")
+def _weights(run: Path, module: str = "autoencoder") -> dict[str, torch.Tensor]:
+    return load_tensors(sorted(run.glob("checkpoint-*"))[-1] / f"{module}.safetensors")
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -81,6 +81,54 @@ def test_kill_and_resume_continues_the_loss_curve(tmp_path):
     assert pointer.exists()
     assert main(["train", "autoencoder", "--config", str(killed), "--resume"]) == 0
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "straight")
+
+
+ADVERSARIAL = {"lr": {"autoencoder": 2e-4, "discriminator": 2e-4},
+               "objective_args": TINY_AE["objective_args"] | {"adversarial_weight": 0.5, "adversarial_start": 2}}
+
+
+def test_adversarial_training_resumes_exactly_with_its_discriminator(tmp_path):
+    straight = _config(tmp_path, "straight", max_steps=4, **ADVERSARIAL)
+    assert main(["train", "autoencoder", "--config", str(straight)]) == 0
+    split = _config(tmp_path, "split", max_steps=4, **ADVERSARIAL)
+    assert main(["train", "autoencoder", "--config", str(split), "--max-steps", "2"]) == 0
+    assert main(["train", "autoencoder", "--config", str(split), "--resume"]) == 0
+    for column in ("loss_autoencoder", "loss_discriminator"):
+        assert _losses(tmp_path / "split", column) == _losses(tmp_path / "straight", column)
+        assert len(_losses(tmp_path / "straight", column)) == 4
+    for module in ("autoencoder", "discriminator"):
+        a, b = _weights(tmp_path / "straight", module), _weights(tmp_path / "split", module)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # The decoder feels the discriminator from adversarial_start (step 2, the third step) on.
+    assert sorted(_losses(tmp_path / "straight", "adversarial")) == [3, 4]
+
+
+def test_the_discriminator_reaches_the_autoencoder_only_through_the_adversarial_term(tmp_path):
+    plain = _config(tmp_path, "plain", max_steps=3)
+    assert main(["train", "autoencoder", "--config", str(plain)]) == 0
+    late = ADVERSARIAL | {"objective_args": ADVERSARIAL["objective_args"] | {"adversarial_start": 10}}
+    gated = _config(tmp_path, "gated", max_steps=3, **late)
+    assert main(["train", "autoencoder", "--config", str(gated)]) == 0
+    # Before adversarial_start the discriminator trains beside an autoencoder that is not affected by it.
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "gated")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(tmp_path / "gated", "loss_discriminator")
+    on = _config(tmp_path, "on", max_steps=3, **ADVERSARIAL)
+    assert main(["train", "autoencoder", "--config", str(on)]) == 0
+    c = _weights(tmp_path / "on")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_adaptive_adversarial_weight_matches_the_gradient_norms():
+    from causvid.models.discriminator import adaptive_adversarial_weight
+
+    layer = torch.ones(2, 2, requires_grad=True)
+    reconstruction = (3.0 * layer).sum()  # gradient norm 3 * 2
+    adversarial = (torch.tensor([[1.5, 0.0], [0.0, 0.0]]) * layer).sum()  # gradient norm 1.5
+    weight = adaptive_adversarial_weight(reconstruction, adversarial, layer)
+    assert weight.item() == pytest.approx(6.0 / 1.5, rel=1e-3)
+    assert not weight.requires_grad
+    assert adaptive_adversarial_weight(reconstruction, adversarial, layer, max_weight=2.0).item() == 2.0
 
 
 def test_two_cpu_processes_with_accelerate(tmp_path):
@@ -182,6 +230,9 @@ def test_config_errors_are_clear(tmp_path):
     bad.write_text(yaml.safe_dump({"objective": "autoencoder", "learning_rate": 1}))
     assert main(["train", "autoencoder", "--config", str(bad)]) == 2
     assert main(["train", "autoencoder", "--config", str(tmp_path / "missing.yaml")]) == 2
+    # A discriminator with no learning rate of its own.
+    no_lr = _config(tmp_path, "no_lr", objective_args=ADVERSARIAL["objective_args"])
+    assert main(["train", "autoencoder", "--config", str(no_lr)]) == 2
 
 
 def test_lr_warms_up_holds_then_decays_linearly():
