@@ -225,14 +225,16 @@ def test_the_loop_places_frozen_models_beside_the_trainable_ones_before_data(tmp
     assert objective.events[2:] == [("losses",)] * 2
 
 
-def test_config_errors_are_clear(tmp_path):
+def test_config_errors_are_clear(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"objective": "autoencoder", "learning_rate": 1}))
     assert main(["train", "autoencoder", "--config", str(bad)]) == 2
     assert main(["train", "autoencoder", "--config", str(tmp_path / "missing.yaml")]) == 2
     # A discriminator with no learning rate of its own.
     no_lr = _config(tmp_path, "no_lr", objective_args=ADVERSARIAL["objective_args"])
+    capsys.readouterr()
     assert main(["train", "autoencoder", "--config", str(no_lr)]) == 2
+    assert "config lr has no entry for ['discriminator']" in capsys.readouterr().err
 
 
 def test_lr_warms_up_holds_then_decays_linearly():
