@@ -295,13 +295,16 @@ class TeacherObjective(Objective):
     `coordinates` makes the teacher read each latent cell's position (`WanDenoiser.with_coordinates`);
     a warm start that lacks them gains them without changing its outputs.
     `transformer` replaces entries of the preset's transformer config, e.g. the same width split
-    into more, narrower heads; on a warm start they must keep the shapes of its weights.
+    into more, narrower heads; on a warm start they must keep the shapes of its weights, except
+    a larger `num_layers`, which grows the warm start by block expansion (`WanDenoiser.deepened`);
+    `train_new_blocks_only` then trains the new blocks alone.
     """
 
     def __init__(self, config, autoencoder: str, preset_name: str = "shapes", caption_dropout: float = 0.1,
                  bank_size: int = 4096, sample_steps: int = 50, sample_prompts: list[str] | None = None,
                  init_from: str | None = None, object_weight: float = 0.0, motion_weight: float = 0.0,
-                 sigma_shift: float | None = None, coordinates: bool = False, transformer: dict | None = None):
+                 sigma_shift: float | None = None, coordinates: bool = False, transformer: dict | None = None,
+                 train_new_blocks_only: bool = False):
         self.config = config
         self.preset_name = preset_name
         self.pipeline_config = PipelineConfig(**preset(preset_name)["pipeline"])
@@ -309,11 +312,19 @@ class TeacherObjective(Objective):
         self.text_encoder = load_text_encoder(self.pipeline_config.text_encoder)
         self.text_encoder.cache_size = 4096
         block_frames, overrides = self.pipeline_config.block_frames, transformer or {}
+        grown = False
         if init_from is not None:  # continue from a trained pipeline's teacher (e.g. the shipped one)
-            self.denoiser = WanDenoiser.from_pretrained(Path(init_from) / "teacher", block_frames,
-                                                        **overrides).float().train()
+            num_layers = overrides.get("num_layers")
+            shaped = {key: value for key, value in overrides.items() if key != "num_layers"}
+            self.denoiser = WanDenoiser.from_pretrained(Path(init_from) / "teacher", block_frames, **shaped).float()
+            grown = num_layers is not None and num_layers != self.denoiser.config.num_layers
+            if grown:
+                self.denoiser = self.denoiser.deepened(num_layers, train_new_blocks_only)
+            self.denoiser.train()
         else:
             self.denoiser = WanDenoiser(build_transformer(preset_name, config.seed, **overrides), block_frames).train()
+        if train_new_blocks_only and not grown:
+            raise ValueError("train_new_blocks_only needs a warm start (init_from) grown by transformer.num_layers")
         if coordinates and not self.denoiser.reads_coordinates:
             self.denoiser = self.denoiser.with_coordinates().train()
         self.caption_dropout = caption_dropout

@@ -468,3 +468,29 @@ def test_transformer_overrides_regroup_heads_from_scratch_and_on_a_warm_start(tm
     text, x, sigma = torch.randn(1, 32, 384), torch.randn(1, 4, 4, 8, 8), torch.tensor([0.7])
     with torch.no_grad():
         assert not torch.allclose(warm(x, sigma, text), saved(x, sigma, text), atol=1e-4)
+
+
+def test_a_warm_start_grows_deeper_with_the_same_outputs(tmp_path, tiny_checkpoint):
+    from causvid.models.denoiser import WanDenoiser
+    from causvid.objectives import TeacherObjective
+    from causvid.train import TrainConfig
+
+    config = TrainConfig.from_yaml(_config(tmp_path, "teacher", objective="teacher"))
+    grown = TeacherObjective(config, str(tiny_checkpoint / "vae"), preset_name="tiny", init_from=str(tiny_checkpoint),
+                             transformer={"num_layers": 4}).denoiser
+    saved = WanDenoiser.from_pretrained(tiny_checkpoint / "teacher", block_frames=2).eval()
+    assert grown.training and grown.config.num_layers == 4 and saved.config.num_layers == 2
+    text, x, sigma = torch.randn(1, 32, 384), torch.randn(1, 4, 4, 8, 8), torch.tensor([0.7])
+    with torch.no_grad():
+        torch.testing.assert_close(grown.eval()(x, sigma, text), saved(x, sigma, text))
+    assert all(parameter.requires_grad for parameter in grown.parameters())
+
+    def trained(**args) -> set[str]:
+        objective = TeacherObjective(config, str(tiny_checkpoint / "vae"), preset_name="tiny", **args)
+        return {name for name, parameter in objective.denoiser.named_parameters() if parameter.requires_grad}
+
+    new_blocks_only = trained(init_from=str(tiny_checkpoint), transformer={"num_layers": 4}, train_new_blocks_only=True)
+    assert new_blocks_only and {name.split(".")[2] for name in new_blocks_only} == {"1", "3"}
+    for args in ({}, {"init_from": str(tiny_checkpoint)}):
+        with pytest.raises(ValueError, match="train_new_blocks_only needs a warm start"):
+            trained(train_new_blocks_only=True, **args)

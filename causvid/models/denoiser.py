@@ -27,6 +27,8 @@ from causvid.schedule import timestep_from_sigma
 
 # Input channels beyond the latent ones that carry a cell's (x, y) position (CoordConv-style).
 COORDINATE_CHANNELS = 2
+# The layers through which a Wan block writes to the residual stream: zeroed, the block is the identity.
+_BLOCK_OUTPUT_LAYERS = ("attn1.to_out.0.", "attn2.to_out.0.", "ffn.net.2.")
 
 
 def cell_coordinates(latents: torch.Tensor) -> torch.Tensor:
@@ -133,6 +135,32 @@ class WanDenoiser(torch.nn.Module):
         state["patch_embedding.weight"] = torch.cat([weight, zeros], dim=1)
         widened.load_state_dict(state)
         return WanDenoiser(widened, self.block_frames)
+
+    def deepened(self, num_layers: int, train_new_blocks_only: bool = False) -> "WanDenoiser":
+        """A copy with `num_layers` blocks and the same outputs: each block is followed by copies of
+        itself whose output layers start at zero, so they add nothing until trained (block expansion).
+        `train_new_blocks_only` freezes everything else, so what the warm start knows stays put."""
+        depth = self.transformer.config.num_layers
+        if num_layers <= depth or num_layers % depth:
+            raise ValueError(f"num_layers must be a larger multiple of the current {depth}, got {num_layers}")
+        config = dict(self.transformer.config) | {"num_layers": num_layers}
+        deeper = WanTransformer3DModel.from_config(config).to(self.transformer.dtype)
+        copies = num_layers // depth
+        state = {}
+        for name, value in self.transformer.state_dict().items():
+            if not name.startswith("blocks."):
+                state[name] = value
+                continue
+            _, layer, rest = name.split(".", 2)
+            for copy in range(copies):
+                silent = copy > 0 and rest.startswith(_BLOCK_OUTPUT_LAYERS)
+                state[f"blocks.{int(layer) * copies + copy}.{rest}"] = torch.zeros_like(value) if silent else value
+        deeper.load_state_dict(state)
+        if train_new_blocks_only:
+            deeper.requires_grad_(False)
+            for layer, block in enumerate(deeper.blocks):
+                block.requires_grad_(layer % copies > 0)
+        return WanDenoiser(deeper, self.block_frames)
 
     @property
     def config(self):
