@@ -126,15 +126,12 @@ class WanDenoiser(torch.nn.Module):
         """A copy that also reads each cell's position, initialised to ignore it (same outputs)."""
         if self.reads_coordinates:
             raise ValueError("this denoiser already reads coordinates")
-        config = dict(self.transformer.config)
-        config["in_channels"] += COORDINATE_CHANNELS
-        widened = WanTransformer3DModel.from_config(config).to(self.transformer.dtype)
         state = self.transformer.state_dict()
         weight = state["patch_embedding.weight"]
         zeros = weight.new_zeros(weight.shape[0], COORDINATE_CHANNELS, *weight.shape[2:])
         state["patch_embedding.weight"] = torch.cat([weight, zeros], dim=1)
-        widened.load_state_dict(state)
-        return WanDenoiser(widened, self.block_frames)
+        in_channels = self.transformer.config.in_channels + COORDINATE_CHANNELS
+        return WanDenoiser(self._rebuilt(state, in_channels=in_channels), self.block_frames)
 
     def deepened(self, num_layers: int, train_new_blocks_only: bool = False) -> "WanDenoiser":
         """A copy with `num_layers` blocks and the same outputs: each block is followed by copies of
@@ -143,8 +140,6 @@ class WanDenoiser(torch.nn.Module):
         depth = self.transformer.config.num_layers
         if num_layers <= depth or num_layers % depth:
             raise ValueError(f"num_layers must be a larger multiple of the current {depth}, got {num_layers}")
-        config = dict(self.transformer.config) | {"num_layers": num_layers}
-        deeper = WanTransformer3DModel.from_config(config).to(self.transformer.dtype)
         copies = num_layers // depth
         state = {}
         for name, value in self.transformer.state_dict().items():
@@ -155,12 +150,19 @@ class WanDenoiser(torch.nn.Module):
             for copy in range(copies):
                 silent = copy > 0 and rest.startswith(_BLOCK_OUTPUT_LAYERS)
                 state[f"blocks.{int(layer) * copies + copy}.{rest}"] = torch.zeros_like(value) if silent else value
-        deeper.load_state_dict(state)
+        deeper = self._rebuilt(state, num_layers=num_layers)
         if train_new_blocks_only:
             deeper.requires_grad_(False)
             for layer, block in enumerate(deeper.blocks):
                 block.requires_grad_(layer % copies > 0)
         return WanDenoiser(deeper, self.block_frames)
+
+    def _rebuilt(self, state: dict[str, torch.Tensor], **config_changes) -> WanTransformer3DModel:
+        """A new transformer of this one's config with `config_changes`, holding `state`."""
+        config = dict(self.transformer.config) | config_changes
+        transformer = WanTransformer3DModel.from_config(config).to(self.transformer.dtype)
+        transformer.load_state_dict(state)
+        return transformer
 
     @property
     def config(self):
