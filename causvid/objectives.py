@@ -17,7 +17,12 @@ from causvid.checkpoint import atomic_save_tensors, atomic_write_json, load_tens
 from causvid.data.shapes import ShapesWorld, random_caption, scene_from_json
 from causvid.models.autoencoder import TEMPORAL_FACTOR, VideoAutoencoder
 from causvid.models.denoiser import WanDenoiser
-from causvid.models.discriminator import PatchDiscriminator, adaptive_adversarial_weight, discriminator_hinge_loss
+from causvid.models.discriminator import (
+    PatchDiscriminator,
+    adaptive_adversarial_weight,
+    discriminator_hinge_loss,
+    frozen_forward,
+)
 from causvid.pipeline import CausVidPipeline, PipelineConfig, to_uint8
 from causvid.presets import build_autoencoder, build_transformer, preset
 from causvid.schedule import add_noise, randn_like, shift_sigma, velocity_target
@@ -185,12 +190,13 @@ class AutoencoderObjective(Objective):
         loss = recon + self.kl_weight * kl
         if self.discriminator is None:
             return {"autoencoder": (loss, logs)}
-        discriminator = models["discriminator"]
-        real_logits, fake_logits = discriminator(video), discriminator(reconstruction.detach().float())
+        # One pass through the wrapped discriminator, the only one its gradients (all-reduced under DDP) come from.
+        both = models["discriminator"](torch.cat([video, reconstruction.detach().float()]))
+        real_logits, fake_logits = both.chunk(2)
         discriminator_loss = discriminator_hinge_loss(real_logits, fake_logits)
         discriminator_logs = {"real_logit": real_logits.mean().item(), "fake_logit": fake_logits.mean().item()}
         if step >= self.adversarial_start:
-            adversarial = -discriminator(reconstruction.float()).mean()
+            adversarial = -frozen_forward(self.discriminator, reconstruction.float()).mean()
             weight = adaptive_adversarial_weight(recon, adversarial, self.autoencoder.vae.decoder.conv_out.weight)
             loss = loss + self.adversarial_weight * weight * adversarial
             logs.update(adversarial=adversarial.item(), adversarial_scale=weight.item())

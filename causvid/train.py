@@ -347,6 +347,9 @@ def train(config: TrainConfig, objective: Objective) -> int:
         # 5. Log, sample, checkpoint (main process only; all ranks hold the same weights).
         out_of_time = config.max_minutes is not None and time.monotonic() - began > 60 * config.max_minutes
         last = step == config.max_steps or out_of_time or stop["signal"]
+        checkpoint_due = step % config.checkpoint_every == 0 or last
+        if accelerator.num_processes > 1 and checkpoint_due:
+            check_ranks_agree(accelerator, modules)
         if accelerator.is_main_process:
             if step % config.log_every == 0 or last:
                 log.append({"step": step, "seconds_per_step": time.monotonic() - tick, **recent})
@@ -354,7 +357,7 @@ def train(config: TrainConfig, objective: Objective) -> int:
                 metrics = objective.sample(_ema_copies(modules, emas), out_dir / "samples", step)
                 if metrics:
                     log.append({"step": step, **metrics})
-            if step % config.checkpoint_every == 0 or last:
+            if checkpoint_due:
                 save_checkpoint(out_dir, step, modules, optimizers, emas, config.keep_checkpoints, accelerator.num_processes)
                 objective.export(_ema_copies(modules, emas), out_dir / "export")
         accelerator.wait_for_everyone()
@@ -362,6 +365,23 @@ def train(config: TrainConfig, objective: Objective) -> int:
             break
     bar.close()
     return step
+
+
+def check_ranks_agree(accelerator, modules: dict[str, torch.nn.Module]) -> None:
+    """Raise unless every process holds the same weights, as the checkpoint (rank 0's) assumes.
+
+    DDP keeps replicas identical only for gradients that its all-reduce saw; a module trained
+    outside it drifts apart silently. A float64 sum and sum of squares per module are compared.
+    """
+    fingerprint = torch.stack([
+        torch.stack([sum(p.detach().double().sum() for p in module.parameters()),
+                     sum(p.detach().double().square().sum() for p in module.parameters())])
+        for module in modules.values()
+    ]).to(accelerator.device)
+    ranks = accelerator.gather(fingerprint[None])
+    differing = [name for i, name in enumerate(modules) if not (ranks[:, i] == ranks[0, i]).all()]
+    if differing:
+        raise RuntimeError(f"processes hold different weights for {differing}: their gradients were not all-reduced")
 
 
 def _ema_copies(modules: dict[str, torch.nn.Module], emas: dict[str, EMA]) -> dict[str, torch.nn.Module]:

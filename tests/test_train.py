@@ -131,8 +131,12 @@ def test_adaptive_adversarial_weight_matches_the_gradient_norms():
     assert adaptive_adversarial_weight(reconstruction, adversarial, layer, max_weight=2.0).item() == 2.0
 
 
-def test_two_cpu_processes_with_accelerate(tmp_path):
-    config = _config(tmp_path, "ddp", max_steps=3, checkpoint_every=3)
+@pytest.mark.parametrize("adversarial", [False, True], ids=["plain", "adversarial"])
+def test_two_cpu_processes_with_accelerate(tmp_path, adversarial):
+    # The loop checks at each checkpoint that both processes hold the same weights; a discriminator
+    # whose gradients skip DDP's all-reduce fails it. Each process draws its own clips.
+    extra = ADVERSARIAL | {"objective_args": ADVERSARIAL["objective_args"] | {"adversarial_start": 0}} if adversarial else {}
+    config = _config(tmp_path, "ddp", max_steps=3, checkpoint_every=3, **extra)
     # accelerate's own launcher starts one process for --cpu; torchrun starts two gloo ranks.
     env = os.environ | {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(

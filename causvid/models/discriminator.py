@@ -40,6 +40,17 @@ class PatchDiscriminator(nn.Module):
         return logits.reshape(batch, frames, *logits.shape[-2:])
 
 
+def frozen_forward(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """`module(*inputs)` with its weights as constants: gradients reach the inputs only.
+
+    The decoder's adversarial term must not touch the discriminator's gradients. Under DDP the
+    hooks on those weights would fire for it and all-reduce the wrong gradients, after which the
+    discriminator's own gradients are left un-synchronised and the processes drift apart.
+    """
+    constants = {name: tensor.detach() for name, tensor in module.named_parameters()}
+    return torch.func.functional_call(module, constants, inputs)
+
+
 def discriminator_hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Hinge loss for the discriminator: real logits above 1, fake ones below -1."""
     return torch.relu(1 - real_logits).mean() + torch.relu(1 + fake_logits).mean()
