@@ -95,6 +95,17 @@ def latent_object_mask(video: torch.Tensor, spatial_factor: int) -> torch.Tensor
     return dilate(cells, 1)[:, 0] > 0
 
 
+def object_cell_scale(object_mask: torch.Tensor) -> torch.Tensor:
+    """Float [B, F, 1, 1]: per latent frame, the batch's mean object cell count over the frame's own.
+
+    Scaling an object weight by it gives every frame's objects the same total weight, so a small
+    object (a quarter of a large one's cells) is not worth a quarter as much to get right.
+    """
+    cells = object_mask.flatten(2).sum(2).float()
+    mean = cells[cells > 0].mean() if (cells > 0).any() else cells.new_tensor(1.0)
+    return (mean / cells.clamp(min=1))[..., None, None]
+
+
 def motion_cells(object_mask: torch.Tensor) -> torch.Tensor:
     """Bool [B, F, H, W]: the cells an object enters or leaves since the previous latent frame.
 
@@ -294,7 +305,9 @@ class TeacherObjective(Objective):
     `object_weight` > 0 weights the latent cells that hold an object by 1 + object_weight, as
     the autoencoder's loss does with pixels: objects are a few cells of a mostly flat frame.
     Objects are found against a flat background (`object_pixels`), so this suits the shapes
-    world, not footage; 0 (the default) is the plain loss. `motion_weight` adds weight to the
+    world, not footage; 0 (the default) is the plain loss. `equal_object_weight` scales it per
+    latent frame by `object_cell_scale`, so small objects weigh as much in all as large ones.
+    `motion_weight` adds weight to the
     cells an object enters or leaves (`motion_cells`), where the direction word pays off.
     `sigma_shift` samples training noise levels through its own shift instead of the sampler's
     (1.0: uniform), to spend more steps at the low levels where an object's outline is drawn.
@@ -310,7 +323,7 @@ class TeacherObjective(Objective):
                  bank_size: int = 4096, sample_steps: int = 50, sample_prompts: list[str] | None = None,
                  init_from: str | None = None, object_weight: float = 0.0, motion_weight: float = 0.0,
                  sigma_shift: float | None = None, coordinates: bool = False, transformer: dict | None = None,
-                 train_new_blocks_only: bool = False):
+                 train_new_blocks_only: bool = False, equal_object_weight: bool = False):
         self.config = config
         self.preset_name = preset_name
         self.pipeline_config = PipelineConfig(**preset(preset_name)["pipeline"])
@@ -335,6 +348,7 @@ class TeacherObjective(Objective):
             self.denoiser = self.denoiser.with_coordinates().train()
         self.caption_dropout = caption_dropout
         self.object_weight = object_weight
+        self.equal_object_weight = equal_object_weight
         self.motion_weight = motion_weight
         self.sigma_shift = self.pipeline_config.shift if sigma_shift is None else sigma_shift
         self.bank_size = bank_size
@@ -370,7 +384,8 @@ class TeacherObjective(Objective):
         sigma = shift_sigma(torch.rand(batch_size, generator=generator), self.sigma_shift).to(x0.device)
         velocity = models["teacher"](add_noise(x0, noise, sigma), sigma, text)
         mask = batch["object_mask"]
-        weights = (1 + self.object_weight * mask.float() + self.motion_weight * motion_cells(mask).float())[:, None]
+        objects = mask.float() * object_cell_scale(mask) if self.equal_object_weight else mask.float()
+        weights = (1 + self.object_weight * objects + self.motion_weight * motion_cells(mask).float())[:, None]
         error = (velocity.float() - velocity_target(x0, noise)).square()
         loss = (error * weights).mean() / weights.mean()
         return {"teacher": (loss, {})}

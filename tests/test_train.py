@@ -159,7 +159,7 @@ def test_teacher_objective_trains_and_exports_a_pipeline(tmp_path):
         "data": {"type": "shapes", "num_frames": 9, "height": 32, "width": 32, "seed": 0},
         "objective_args": {"autoencoder": str(tmp_path / "ae" / "export"), "preset_name": "tiny", "bank_size": 4,
                            "sample_steps": 2, "sample_prompts": ["a red circle"], "object_weight": 10.0,
-                           "motion_weight": 10.0},
+                           "motion_weight": 10.0, "equal_object_weight": True},
     }
     path = tmp_path / "teacher.yaml"
     path.write_text(yaml.safe_dump(teacher))
@@ -347,6 +347,20 @@ def test_motion_cells_are_where_an_object_enters_or_leaves():
     expected = torch.zeros(4, 4, dtype=torch.bool)
     expected[1, 0] = expected[1, 2] = True  # left behind, entered
     assert torch.equal(motion[1, 1], expected)
+
+
+def test_equal_object_weight_gives_small_and_large_objects_the_same_total():
+    from causvid.objectives import object_cell_scale
+
+    mask = torch.zeros(2, 2, 8, 8, dtype=torch.bool)
+    mask[0, :, 1:3, 1:3] = True  # a small object: 4 cells a frame
+    mask[1, 0, 2:6, 2:6] = True  # a large one: 16 cells, gone in the second frame
+    scale = object_cell_scale(mask)
+    totals = (mask.float() * scale).flatten(2).sum(2)
+    assert torch.allclose(totals[0], totals[1, :1].expand(2)) and totals[1, 1] == 0
+    # Each frame with objects keeps the batch mean of object cells: (4 + 4 + 16) / 3.
+    assert torch.allclose(totals[0], torch.tensor(8.0))
+    assert scale[0, 0] > 1 > scale[1, 0]
 
 
 class _ReconstructWithError(torch.nn.Module):
