@@ -99,7 +99,7 @@ def object_cell_scale(object_mask: torch.Tensor) -> torch.Tensor:
     """Float [B, F, 1, 1]: per latent frame, the batch's mean object cell count over the frame's own.
 
     Scaling an object weight by it gives every frame's objects the same total weight, so a small
-    object (a quarter of a large one's cells) is not worth a quarter as much to get right.
+    object (under half a large one's cells) is not worth under half as much to get right.
     """
     cells = object_mask.flatten(2).sum(2).float()
     mean = cells[cells > 0].mean() if (cells > 0).any() else cells.new_tensor(1.0)
@@ -307,8 +307,8 @@ class TeacherObjective(Objective):
     Objects are found against a flat background (`object_pixels`), so this suits the shapes
     world, not footage; 0 (the default) is the plain loss. `equal_object_weight` scales it per
     latent frame by `object_cell_scale`, so small objects weigh as much in all as large ones.
-    `motion_weight` adds weight to the
-    cells an object enters or leaves (`motion_cells`), where the direction word pays off.
+    `motion_weight` adds weight to the cells an object enters or leaves (`motion_cells`), where
+    the direction word pays off.
     `sigma_shift` samples training noise levels through its own shift instead of the sampler's
     (1.0: uniform), to spend more steps at the low levels where an object's outline is drawn.
     `coordinates` makes the teacher read each latent cell's position (`WanDenoiser.with_coordinates`);

@@ -21,12 +21,15 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 
 from causvid.checkpoint import CheckpointError, atomic_save_tensors, atomic_write_json, load_tensors, read_json
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @dataclass
@@ -367,7 +370,7 @@ def train(config: TrainConfig, objective: Objective) -> int:
     return step
 
 
-def check_ranks_agree(accelerator, modules: dict[str, torch.nn.Module]) -> None:
+def check_ranks_agree(accelerator: Accelerator, modules: dict[str, torch.nn.Module]) -> None:
     """Raise unless every process holds the same weights, as the checkpoint (rank 0's) assumes.
 
     DDP keeps replicas identical only for gradients that its all-reduce saw; a module trained

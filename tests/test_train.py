@@ -135,7 +135,8 @@ def test_adaptive_adversarial_weight_matches_the_gradient_norms():
 def test_two_cpu_processes_with_accelerate(tmp_path, adversarial):
     # The loop checks at each checkpoint that both processes hold the same weights; a discriminator
     # whose gradients skip DDP's all-reduce fails it. Each process draws its own clips.
-    extra = ADVERSARIAL | {"objective_args": ADVERSARIAL["objective_args"] | {"adversarial_start": 0}} if adversarial else {}
+    from_the_start = {"objective_args": ADVERSARIAL["objective_args"] | {"adversarial_start": 0}}
+    extra = ADVERSARIAL | from_the_start if adversarial else {}
     config = _config(tmp_path, "ddp", max_steps=3, checkpoint_every=3, **extra)
     # accelerate's own launcher starts one process for --cpu; torchrun starts two gloo ranks.
     env = os.environ | {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
