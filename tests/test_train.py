@@ -131,6 +131,16 @@ def test_adaptive_adversarial_weight_matches_the_gradient_norms():
     assert adaptive_adversarial_weight(reconstruction, adversarial, layer, max_weight=2.0).item() == 2.0
 
 
+def test_frozen_forward_gives_gradients_to_the_inputs_only():
+    from causvid.models.discriminator import frozen_forward
+
+    module, inputs = torch.nn.Linear(3, 1), torch.randn(4, 3, requires_grad=True)
+    outputs = frozen_forward(module, inputs)
+    assert torch.equal(outputs, module(inputs))
+    outputs.sum().backward()
+    assert inputs.grad is not None and all(p.grad is None for p in module.parameters())
+
+
 @pytest.mark.parametrize("adversarial", [False, True], ids=["plain", "adversarial"])
 def test_two_cpu_processes_with_accelerate(tmp_path, adversarial):
     # The loop checks at each checkpoint that both processes hold the same weights; a discriminator
