@@ -74,6 +74,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 avoids thrashing on a busy machine)")
+    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the trained modules")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
 
 
@@ -82,7 +83,8 @@ def load_training_config(args: argparse.Namespace):
     from causvid.train import TrainConfig
 
     config = TrainConfig.from_yaml(
-        args.config, out_dir=args.out_dir, max_steps=args.max_steps, max_minutes=args.max_minutes, threads=args.threads
+        args.config, out_dir=args.out_dir, max_steps=args.max_steps, max_minutes=args.max_minutes, threads=args.threads,
+        compile=args.compile,
     )
     if (Path(config.out_dir) / "latest.json").exists() and not args.resume:
         raise ValueError(f"{config.out_dir} already holds a run: pass --resume to continue it, or choose --out-dir")

@@ -57,6 +57,7 @@ class TrainConfig:
     max_minutes: float | None = None  # checkpoint and stop cleanly before a session ends
     threads: int | None = None  # torch CPU threads (None: torch's default)
     num_workers: int = 0  # data loader processes (video decoding, captions) beside the training one
+    compile: bool = False  # torch.compile the trained modules (the first steps pay for the compile)
     data: dict[str, Any] = field(default_factory=dict)
     objective_args: dict[str, Any] = field(default_factory=dict)
 
@@ -308,6 +309,8 @@ def train(config: TrainConfig, objective: Objective) -> int:
             objective.export(_ema_copies(modules, emas), out_dir / "export")
         return start
     wrapped = {name: accelerator.prepare(module) for name, module in modules.items()}
+    if config.compile:
+        wrapped = {name: torch.compile(module) for name, module in wrapped.items()}
     optimizers = {name: accelerator.prepare(opt) for name, opt in optimizers.items()}
     dataset = objective.dataset()
     batches = StepBatches(start, config.max_steps, config.batch_size, accelerator.num_processes,

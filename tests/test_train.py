@@ -161,19 +161,31 @@ def test_two_cpu_processes_with_accelerate(tmp_path, adversarial):
     assert state["world_size"] == 2 and state["step"] == 3
 
 
-def test_teacher_objective_trains_and_exports_a_pipeline(tmp_path):
-    autoencoder = _config(tmp_path, "ae", max_steps=1)
-    assert main(["train", "autoencoder", "--config", str(autoencoder)]) == 0
-    teacher = {
-        "objective": "teacher", "out_dir": str(tmp_path / "teacher"), "max_steps": 3, "batch_size": 2,
-        "lr": {"teacher": 1e-4}, "log_every": 1, "sample_every": 3, "checkpoint_every": 3,
+def _teacher_config(tmp_path: Path, name: str, autoencoder: Path, **overrides) -> Path:
+    """A 3-step tiny teacher run on a bank of 4 clips; `objective_args` overrides merge into the defaults."""
+    objective_args = {"autoencoder": str(autoencoder), "preset_name": "tiny", "bank_size": 4,
+                      **overrides.pop("objective_args", {})}
+    config = {
+        "objective": "teacher", "out_dir": str(tmp_path / name), "max_steps": 3, "batch_size": 2,
+        "lr": {"teacher": 1e-4}, "log_every": 1, "sample_every": 100, "checkpoint_every": 3,
         "data": {"type": "shapes", "num_frames": 9, "height": 32, "width": 32, "seed": 0},
-        "objective_args": {"autoencoder": str(tmp_path / "ae" / "export"), "preset_name": "tiny", "bank_size": 4,
-                           "sample_steps": 2, "sample_prompts": ["a red circle"], "object_weight": 10.0,
-                           "motion_weight": 10.0, "equal_object_weight": True},
-    }
-    path = tmp_path / "teacher.yaml"
-    path.write_text(yaml.safe_dump(teacher))
+        "objective_args": objective_args,
+    } | overrides
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _tiny_autoencoder(tmp_path: Path) -> Path:
+    assert main(["train", "autoencoder", "--config", str(_config(tmp_path, "ae", max_steps=1))]) == 0
+    return tmp_path / "ae" / "export"
+
+
+def test_teacher_objective_trains_and_exports_a_pipeline(tmp_path):
+    path = _teacher_config(tmp_path, "teacher", _tiny_autoencoder(tmp_path), sample_every=3, objective_args={
+        "sample_steps": 2, "sample_prompts": ["a red circle"], "object_weight": 10.0, "motion_weight": 10.0,
+        "equal_object_weight": True,
+    })
     assert main(["train", "teacher", "--config", str(path)]) == 0
     assert (tmp_path / "teacher" / "latent_bank.safetensors").exists()
     assert list((tmp_path / "teacher" / "samples").glob("*.mp4"))
@@ -185,27 +197,32 @@ def test_teacher_objective_trains_and_exports_a_pipeline(tmp_path):
 
 
 def test_loader_workers_change_neither_the_bank_nor_the_losses(tmp_path):
-    autoencoder = _config(tmp_path, "ae", max_steps=1)
-    assert main(["train", "autoencoder", "--config", str(autoencoder)]) == 0
+    autoencoder = _tiny_autoencoder(tmp_path)
     runs = {}
     for workers in (0, 2):
-        run = tmp_path / f"teacher_{workers}"
-        teacher = {
-            "objective": "teacher", "out_dir": str(run), "max_steps": 3, "batch_size": 2, "num_workers": workers,
-            "lr": {"teacher": 1e-4}, "log_every": 1, "sample_every": 100, "checkpoint_every": 3,
-            "data": {"type": "shapes", "num_frames": 9, "height": 32, "width": 32, "seed": 0},
-            "objective_args": {"autoencoder": str(tmp_path / "ae" / "export"), "preset_name": "tiny",
-                               "bank_size": 5},
-        }
-        path = tmp_path / f"teacher_{workers}.yaml"
-        path.write_text(yaml.safe_dump(teacher))
+        path = _teacher_config(tmp_path, f"teacher_{workers}", autoencoder, num_workers=workers,
+                               objective_args={"bank_size": 5})
         assert main(["train", "teacher", "--config", str(path)]) == 0
-        with open(run / "metrics.csv", newline="") as handle:
-            runs[workers] = ([r["loss_teacher"] for r in csv.DictReader(handle)],
-                             load_tensors(run / "latent_bank.safetensors"))
+        runs[workers] = (list(_losses(tmp_path / f"teacher_{workers}", "loss_teacher").values()),
+                         load_tensors(tmp_path / f"teacher_{workers}" / "latent_bank.safetensors"))
     (losses, bank), (losses_with_workers, bank_with_workers) = runs[0], runs[2]
     assert len(losses) == 3 and losses == losses_with_workers
     assert all(torch.equal(bank[k], bank_with_workers[k]) for k in bank)
+
+
+def test_a_compiled_run_follows_the_eager_one(tmp_path, monkeypatch):
+    autoencoder = _tiny_autoencoder(tmp_path)
+    compiled_modules, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module: compiled_modules.append(module) or compile(module))
+    for name, compiled in (("eager", False), ("compiled", True)):
+        path = _teacher_config(tmp_path, name, autoencoder, compile=compiled, mixed_precision="no")
+        assert main(["train", "teacher", "--config", str(path)]) == 0
+    assert len(compiled_modules) == 1
+    eager, compiled = _losses(tmp_path / "eager", "loss_teacher"), _losses(tmp_path / "compiled", "loss_teacher")
+    assert len(eager) == 3 and eager.keys() == compiled.keys()
+    assert all(math.isclose(float(eager[s]), float(compiled[s]), rel_tol=1e-3) for s in eager)
+    a, b = _weights(tmp_path / "eager", "teacher"), _weights(tmp_path / "compiled", "teacher")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 def test_the_loop_places_frozen_models_beside_the_trainable_ones_before_data(tmp_path):
@@ -453,7 +470,7 @@ def test_sigma_shift_moves_training_noise_levels(tmp_path, monkeypatch):
     from causvid.presets import PRESETS
     from causvid.train import TrainConfig
 
-    assert main(["train", "autoencoder", "--config", str(_config(tmp_path, "ae", max_steps=1))]) == 0
+    autoencoder = _tiny_autoencoder(tmp_path)
     config = TrainConfig.from_yaml(_config(tmp_path, "teacher", objective="teacher"))
     batch = {"latents": torch.zeros(256, 4, 2, 4, 4), "caption": ["a red circle"] * 256,
              "object_mask": torch.zeros(256, 2, 4, 4, dtype=torch.bool)}
@@ -464,7 +481,7 @@ def test_sigma_shift_moves_training_noise_levels(tmp_path, monkeypatch):
         return torch.zeros_like(x)
 
     def median_sigma(**shift) -> float:
-        objective = TeacherObjective(config, str(tmp_path / "ae" / "export"), preset_name="tiny", **shift)
+        objective = TeacherObjective(config, str(autoencoder), preset_name="tiny", **shift)
         objective.losses({"teacher": record}, batch, 0, torch.Generator().manual_seed(0))
         return float(seen[-1].median())
 
