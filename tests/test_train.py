@@ -269,6 +269,24 @@ def test_config_errors_are_clear(tmp_path, capsys):
     assert "config lr has no entry for ['discriminator']" in capsys.readouterr().err
 
 
+def test_bf16_on_a_cpu_that_only_emulates_it_trains_in_fp32(tmp_path, monkeypatch):
+    from causvid import pipeline
+    from causvid.train import training_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(pipeline, "default_dtype", lambda device: torch.bfloat16)
+    assert training_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(pipeline, "default_dtype", lambda device: torch.float32)
+    assert training_precision("bf16", cpu) == "no"
+    assert training_precision("bf16", cuda) == "bf16" and training_precision("no", cpu) == "no"
+    # A run that asks for bf16 there follows the fp32 run step for step, and records what ran.
+    for precision in ("no", "bf16"):
+        path = _config(tmp_path, precision, max_steps=2, mixed_precision=precision)
+        assert main(["train", "autoencoder", "--config", str(path)]) == 0
+    assert _losses(tmp_path / "bf16") == _losses(tmp_path / "no")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["mixed_precision"] == "no"
+
+
 def test_lr_warms_up_holds_then_decays_linearly():
     from causvid.train import TrainConfig, lr_factor
 
