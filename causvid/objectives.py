@@ -175,6 +175,9 @@ class AutoencoderObjective(Objective):
             return {"autoencoder": self.autoencoder}
         return {"autoencoder": self.autoencoder, "discriminator": self.discriminator}
 
+    def averaged(self):
+        return {"autoencoder"}
+
     def dataset(self):
         return build_dataset(self.config.data)
 

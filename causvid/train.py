@@ -82,8 +82,15 @@ class Objective:
     """What a training run optimises. Subclasses fill these in; the loop does the rest."""
 
     def trainable(self) -> dict[str, torch.nn.Module]:
-        """Optimiser name -> module. Each gets its own AdamW, learning rate and EMA."""
+        """Optimiser name -> module. Each gets its own AdamW and learning rate."""
         raise NotImplementedError
+
+    def averaged(self) -> set[str]:
+        """The trainable modules that keep an EMA: those `sample` and `export` read (default: all).
+
+        A module that only serves training (a discriminator, a critic) needs none.
+        """
+        return set(self.trainable())
 
     def place(self, device: torch.device) -> None:
         """Move the frozen models the objective uses to `device`, where the loop put the trainable ones."""
@@ -102,7 +109,7 @@ class Objective:
         raise NotImplementedError
 
     def sample(self, ema: dict[str, torch.nn.Module], out_dir: Path, step: int) -> dict[str, float]:
-        """Write sample videos (and optionally return metrics to log)."""
+        """Write sample videos (and optionally return metrics to log). `ema` holds the averaged modules."""
         return {}
 
     def export(self, ema: dict[str, torch.nn.Module], out_dir: Path) -> None:
@@ -198,11 +205,12 @@ def save_checkpoint(out_dir: Path, step: int, modules, optimizers, emas, keep: i
     meta: dict[str, Any] = {"step": step, "world_size": world_size, "param_groups": {}, "ema_updates": {}}
     for name, module in modules.items():
         atomic_save_tensors(tmp / f"{name}.safetensors", module.state_dict())
-        atomic_save_tensors(tmp / f"{name}_ema.safetensors", emas[name].shadow)
         tensors, groups = _optimizer_tensors("opt", optimizers[name])
         atomic_save_tensors(tmp / f"{name}_optimizer.safetensors", tensors)
         meta["param_groups"][name] = groups
-        meta["ema_updates"][name] = emas[name].updates
+    for name, ema in emas.items():
+        atomic_save_tensors(tmp / f"{name}_ema.safetensors", ema.shadow)
+        meta["ema_updates"][name] = ema.updates
     atomic_write_json(tmp / "state.json", meta)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -225,11 +233,12 @@ def load_checkpoint(out_dir: Path, modules, optimizers, emas) -> int:
             module.load_state_dict(load_tensors(path / f"{name}.safetensors"))
         except RuntimeError as error:
             raise CheckpointError(f"{path / (name + '.safetensors')}: does not match the model ({str(error).splitlines()[0]})") from None
-        device = next(module.parameters()).device
-        emas[name].shadow = {k: v.to(device) for k, v in load_tensors(path / f"{name}_ema.safetensors").items()}
-        # Checkpoints from before the EMA warm-up existed: one update per step.
-        emas[name].updates = int(meta.get("ema_updates", {}).get(name, step))
         _load_optimizer(optimizers[name], "opt", load_tensors(path / f"{name}_optimizer.safetensors"), meta["param_groups"][name])
+    for name, ema in emas.items():
+        device = next(modules[name].parameters()).device
+        ema.shadow = {k: v.to(device) for k, v in load_tensors(path / f"{name}_ema.safetensors").items()}
+        # Checkpoints from before the EMA warm-up existed: one update per step.
+        ema.updates = int(meta.get("ema_updates", {}).get(name, step))
     return step
 
 
@@ -320,7 +329,7 @@ def train(config: TrainConfig, objective: Objective) -> int:
         )
         for name, module in modules.items()
     }
-    emas = {name: EMA(module, config.ema_decay) for name, module in modules.items()}
+    emas = {name: EMA(modules[name], config.ema_decay) for name in objective.averaged()}
 
     # 2. Init or resume: model, optimiser and EMA state; the step fixes data and RNG.
     start = load_checkpoint(out_dir, modules, optimizers, emas)
@@ -362,7 +371,8 @@ def train(config: TrainConfig, objective: Objective) -> int:
             accelerator.backward(loss)
             logs[f"grad_norm_{name}"] = float(accelerator.clip_grad_norm_(wrapped[name].parameters(), config.grad_clip))
             optimizers[name].step()
-            emas[name].update(modules[name])
+            if name in emas:
+                emas[name].update(modules[name])
             logs[f"loss_{name}"] = loss.item()
             logs.update(extra)
         recent.update(logs)  # an optimiser that steps every k-th iteration still shows in the log
@@ -413,4 +423,4 @@ def check_ranks_agree(accelerator: Accelerator, modules: dict[str, torch.nn.Modu
 def _ema_copies(modules: dict[str, torch.nn.Module], emas: dict[str, EMA]) -> dict[str, torch.nn.Module]:
     import copy
 
-    return {name: emas[name].copy_to(copy.deepcopy(module)).eval() for name, module in modules.items()}
+    return {name: ema.copy_to(copy.deepcopy(modules[name])).eval() for name, ema in emas.items()}

@@ -145,6 +145,9 @@ class DMDObjective(StudentObjective):
     def trainable(self):
         return {"generator": self.generator, "critic": self.critic}
 
+    def averaged(self):
+        return {"generator"}
+
     def losses(self, models, batch, step, generator):
         device = self.device
         text = self.encode(batch["caption"], device)

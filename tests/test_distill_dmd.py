@@ -88,6 +88,7 @@ def test_causvid_dmd_steps_critic_every_step_generator_every_rth_and_resumes_exa
     steps = {name: load_tensors(checkpoint / f"{name}_optimizer.safetensors")["opt.0.step"].item()
              for name in ("generator", "critic")}
     assert steps == {"generator": 2, "critic": 4}
+    assert not (checkpoint / "critic_ema.safetensors").exists()  # the export reads the generator's alone
 
     split = _run_config(tmp_path, "split", tiny_checkpoint, data)
     assert main(["distill", "dmd", "--config", str(split), "--max-steps", "2"]) == 0

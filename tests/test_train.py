@@ -96,9 +96,12 @@ def test_adversarial_training_resumes_exactly_with_its_discriminator(tmp_path):
     for column in ("loss_autoencoder", "loss_discriminator"):
         assert _losses(tmp_path / "split", column) == _losses(tmp_path / "straight", column)
         assert len(_losses(tmp_path / "straight", column)) == 4
-    for module in ("autoencoder", "discriminator"):
+    for module in ("autoencoder", "discriminator", "autoencoder_ema"):
         a, b = _weights(tmp_path / "straight", module), _weights(tmp_path / "split", module)
         assert all(torch.equal(a[k], b[k]) for k in a)
+    # Only what the export reads keeps an EMA: the discriminator serves training alone.
+    checkpoint = sorted((tmp_path / "straight").glob("checkpoint-*"))[-1]
+    assert not (checkpoint / "discriminator_ema.safetensors").exists()
     # The decoder feels the discriminator from adversarial_start (step 2, the third step) on.
     assert sorted(_losses(tmp_path / "straight", "adversarial")) == [3, 4]
 
