@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -38,6 +40,24 @@ def tiny_denoiser():
     from causvid.models.denoiser import WanDenoiser
 
     return WanDenoiser(build_transformer("tiny", seed=1), block_frames=2).eval()
+
+
+@pytest.fixture
+def run_as_two_cpu_processes():
+    """Runs `causvid` with the given arguments as 2 gloo ranks and checks that it succeeded."""
+
+    def run(args: list[str]) -> subprocess.CompletedProcess:
+        # accelerate's own launcher starts one process for --cpu; torchrun starts two gloo ranks.
+        env = os.environ | {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             "-m", "causvid.cli", *args],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    return run
 
 
 @pytest.fixture(autouse=True)

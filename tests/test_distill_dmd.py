@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -159,19 +156,14 @@ def test_self_forcing_rollout_keeps_a_graph_only_for_each_blocks_exit_step(tiny_
 
 
 @pytest.mark.parametrize("generator_input", ["causvid", "self_forcing"])
-def test_two_cpu_processes_keep_generator_and_critic_in_step(generator_input, pairs, tiny_checkpoint, tmp_path):
+def test_two_cpu_processes_keep_generator_and_critic_in_step(generator_input, pairs, tiny_checkpoint, tmp_path,
+                                                             run_as_two_cpu_processes):
     # The loop checks at each checkpoint that both ranks hold the same generator and critic: a
     # module used outside DDP's all-reduce (the critic in the generator's loss, the rollout's
     # gradient-free steps) would fail it.
     data = {"type": "ode_pairs", "root": str(pairs)} if generator_input == "causvid" else {"type": "prompts", "seed": 1}
     config = _run_config(tmp_path, "ddp", tiny_checkpoint, data, generator_input=generator_input, num_frames=13)
-    env = os.environ | {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "causvid.cli", "distill", "dmd", "--config", str(config)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_as_two_cpu_processes(["distill", "dmd", "--config", str(config)])
     rows = _metrics(tmp_path / "ddp")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     state = json.loads((tmp_path / "ddp" / "checkpoint-0000004" / "state.json").read_text())

@@ -145,20 +145,13 @@ def test_frozen_forward_gives_gradients_to_the_inputs_only():
 
 
 @pytest.mark.parametrize("adversarial", [False, True], ids=["plain", "adversarial"])
-def test_two_cpu_processes_with_accelerate(tmp_path, adversarial):
+def test_two_cpu_processes_with_accelerate(tmp_path, adversarial, run_as_two_cpu_processes):
     # The loop checks at each checkpoint that both processes hold the same weights; a discriminator
     # whose gradients skip DDP's all-reduce fails it. Each process draws its own clips.
     from_the_start = {"objective_args": ADVERSARIAL["objective_args"] | {"adversarial_start": 0}}
     extra = ADVERSARIAL | from_the_start if adversarial else {}
     config = _config(tmp_path, "ddp", max_steps=3, checkpoint_every=3, **extra)
-    # accelerate's own launcher starts one process for --cpu; torchrun starts two gloo ranks.
-    env = os.environ | {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "causvid.cli", "train", "autoencoder", "--config", str(config)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_as_two_cpu_processes(["train", "autoencoder", "--config", str(config)])
     assert len(_losses(tmp_path / "ddp")) == 3
     state = json.loads(next((tmp_path / "ddp").glob("checkpoint-*/state.json")).read_text())
     assert state["world_size"] == 2 and state["step"] == 3
