@@ -285,8 +285,8 @@ def lr_factor(config: TrainConfig, step: int) -> float:
 def training_precision(requested: str, device: torch.device) -> str:
     """The config's mixed precision, except bf16 on a CPU that only emulates it.
 
-    Without avx512_bf16 or AMX, bf16 matmuls run several times slower than fp32 (4x on a 2-core
-    Xeon measured here), so such a CPU trains in fp32, the more precise of the two.
+    Without avx512_bf16 or AMX, bf16 matmuls are emulated and run slower than fp32, so such a CPU
+    trains in fp32, the more precise of the two.
     """
     from causvid.pipeline import default_dtype
 
