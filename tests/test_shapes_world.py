@@ -10,21 +10,26 @@ import torch
 from causvid.data.shapes import (
     BACKGROUNDS,
     COLOURS,
+    DIRECTIONS,
     HELD_OUT,
     MOTIONS,
     SHAPES,
     SIZES,
     STILL_ADJECTIVES,
+    SWITCH_ATTRIBUTES,
     ObjectSpec,
     SceneSpec,
     ShapesWorld,
     canonical_caption,
     is_held_out,
     random_caption,
+    block_first_frame,
     render_clip,
+    render_segments,
     sample_scene,
     scene_from_json,
     scene_to_json,
+    switched_scene,
 )
 
 
@@ -115,33 +120,70 @@ def test_invalid_scenes_are_rejected():
         ObjectSpec("hexagon", "red", "small", "left")
 
 
-def test_render_uses_only_scene_colours_and_keeps_object_in_frame():
+def test_render_uses_only_scene_colours_and_keeps_bouncing_and_still_objects_whole():
     scene = SceneSpec(
-        "gray", (ObjectSpec("triangle", "cyan", "small", "bouncing"), ObjectSpec("square", "orange", "large", "down"))
+        "gray", (ObjectSpec("triangle", "cyan", "small", "bouncing"), ObjectSpec("square", "orange", "large", "still"))
     )
     clip = render_clip(scene, 33, 64, 64, np.random.default_rng(1))
     assert clip.shape == (33, 64, 64, 3) and clip.dtype == np.uint8
     allowed = {BACKGROUNDS["gray"], COLOURS["cyan"], COLOURS["orange"]}
     assert {tuple(int(v) for v in rgb) for rgb in np.unique(clip.reshape(-1, 3), axis=0)} == allowed
-    # The top object is never occluded, so its area is constant up to rasterisation.
+    # The top object is never occluded and never leaves the frame: its area is constant.
     area = (clip == np.array(COLOURS["orange"])).all(-1).sum((1, 2))
-    assert area.min() > 0.85 * area.max()
+    assert area.min() == area.max() > 0
 
 
-@pytest.mark.parametrize(
-    "motion, expected_sign",
-    [("left", (-1, 0)), ("right", (1, 0)), ("up", (0, -1)), ("down", (0, 1)), ("still", (0, 0))],
-)
-def test_directional_motion_moves_the_right_way(motion, expected_sign):
-    for seed in range(3):
-        clip = render_clip(single(motion=motion), 33, 64, 64, np.random.default_rng(seed))
-        displacement = colour_centroids(clip, "red")[-1] - colour_centroids(clip, "red")[0]
-        for axis in range(2):
-            if expected_sign[axis] == 0:
-                assert abs(displacement[axis]) < 0.5
-            else:
-                # At least 1 px/frame over 32 frames (less rasterisation error).
-                assert displacement[axis] * expected_sign[axis] > 30
+def torus_steps(clip: np.ndarray, colour: str, axis: int) -> np.ndarray:
+    """Per-frame steps [T - 1] along an axis of the centre of one colour's bounding box on the
+    torus the frame is (while an object wraps, it shows at both edges), unwrapped."""
+    occupied = (clip == np.array(COLOURS[colour])).all(-1).any(axis=1 + axis)  # [T, size along the axis]
+    size = occupied.shape[1]
+    centres = []
+    for row in occupied:
+        cells = np.flatnonzero(row)
+        gaps = np.diff(np.concatenate([cells, cells[:1] + size]))
+        last = int(np.argmax(gaps))  # the box ends before the widest empty run...
+        first = cells[(last + 1) % len(cells)]  # ...and starts after it
+        centres.append(first + ((cells[last] - first) % size) / 2)
+    steps = np.diff(np.array(centres))
+    return np.where(np.abs(steps) > size / 2, steps - np.sign(steps) * size, steps)
+
+
+@pytest.mark.parametrize("motion", ["left", "right", "up", "down"])
+def test_directional_movers_wrap_around_at_steady_speed(motion):
+    axis, sign = DIRECTIONS[motion]
+    for seed in range(4):
+        # 97 frames at 1-1.5 px/frame travel more than the 64 px frame: at least one wrap.
+        clip = render_clip(single(motion=motion), 97, 64, 64, np.random.default_rng(seed))
+        mask = (clip == np.array(COLOURS["red"])).all(-1)
+        area = mask.sum((1, 2))
+        assert area.min() > 0.9 * area.max()  # what leaves one edge is back in at the other
+        edges = mask.any(axis=1 + axis)[:, [0, -1]]  # [T, 2]: touches the first / last row or column
+        assert edges.all(1).any()  # a frame where it shows at both edges: a wrap
+        steps = sign * torus_steps(clip, "red", axis)  # whole pixels, so 0 to 2 a frame
+        assert np.all(steps >= 0) and np.all(steps <= 2) and 0.95 < steps.mean() < 1.55
+        assert np.all(torus_steps(clip, "red", 1 - axis) == 0)  # no drift across the axis
+
+
+def test_directional_clips_start_anywhere_so_short_clips_often_wrap():
+    starts, wraps = [], 0
+    for seed in range(200):
+        clip = render_clip(single(size="small", motion="right"), 21, 64, 64, np.random.default_rng(seed))
+        columns = (clip == np.array(COLOURS["red"])).all(-1).any(1)  # [T, W]
+        starts.append(np.flatnonzero(columns[0]).mean())
+        wraps += int((columns[:, 0] & columns[:, -1]).any())
+    assert min(starts) < 8 and max(starts) > 56 and 20 < np.median(starts) < 44  # starts anywhere
+    assert 80 < wraps < 150  # about (travel + object width) / frame width: (25 + 12) / 64 of the clips
+
+
+def test_still_stays_still():
+    clip = render_clip(single(motion="still"), 45, 64, 64, np.random.default_rng(0))
+    assert (clip == clip[:1]).all()
+
+
+def test_clips_of_any_length():
+    for frames in (1, 5, 21, 93, 241):
+        assert ShapesWorld(num_frames=frames, length=2)[1]["video"].shape == (3, frames, 64, 64)
 
 
 def test_bouncing_moves_diagonally_and_reflects_off_walls():
@@ -238,3 +280,55 @@ def test_rendering_is_fast():
     for _ in range(20):
         render_clip(scene, 33, 64, 64, rng)
     assert (time.perf_counter() - start) / 20 < 0.02  # a few ms normally; generous for a busy machine
+
+
+def test_block_first_frames_follow_the_autoencoders_time_compression():
+    # Latent frame 0 is pixel frame 0; latent frame k > 0 covers pixel frames 4k - 3 .. 4k.
+    assert [block_first_frame(b, 3) for b in range(4)] == [0, 9, 21, 33]
+    assert [block_first_frame(b, 1) for b in range(3)] == [0, 1, 5]
+
+
+@pytest.mark.parametrize("attribute", SWITCH_ATTRIBUTES)
+def test_a_switch_changes_one_attribute_to_an_allowed_value(attribute):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = sample_scene(rng)
+        switched = switched_scene(scene, attribute, rng)
+        before, after = json.loads(scene_to_json(scene)), json.loads(scene_to_json(switched))
+        changed = [key for key in ("background",) if before[key] != after[key]] + [
+            f"{i}.{key}" for i, (a, b) in enumerate(zip(before["objects"], after["objects"]))
+            for key in a if a[key] != b[key]
+        ]
+        assert changed == [attribute if attribute == "background" else f"0.{attribute}"]
+        assert not any(is_held_out(obj) for obj in switched.objects)
+    with pytest.raises(ValueError, match="no allowed colour"):
+        switched_scene(single(colour="red"), "colour", rng, restrict={"colour": ["red"]})
+
+
+def test_switch_clips_cut_at_a_block_boundary_and_objects_carry_on():
+    world = ShapesWorld(num_frames=45, switch_probability=1.0, max_objects=1, seed=2)
+    seen_attributes = set()
+    for index in range(40):
+        item = world[index]
+        first = item["switch_frame"]
+        assert first in (9, 21, 33)  # blocks 1-3 of a 4-block clip
+        before, after = scene_from_json(item["scene"]), scene_from_json(item["switch_scene"])
+        assert item["switch_caption"] != item["caption"] and before != after
+        clip = ((item["video"].permute(1, 2, 3, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+        # The background is the new scene's from the switch frame on, the old one's before it.
+        assert tuple(clip[first - 1, 0, 0]) in {BACKGROUNDS[before.background], COLOURS[before.objects[0].colour]}
+        assert tuple(clip[first, 0, 0]) in {BACKGROUNDS[after.background], COLOURS[after.objects[0].colour]}
+        # The object is where it was: its centre moves at most its speed (plus rasterisation) across the cut.
+        old = (clip[first - 1] == np.array(COLOURS[before.objects[0].colour])).all(-1)
+        new = (clip[first] == np.array(COLOURS[after.objects[0].colour])).all(-1)
+        if not (old.any(0)[[0, -1]].all() or old.any(1)[[0, -1]].all()):  # not mid-wrap
+            box_centre = lambda mask: (np.argwhere(mask).min(0) + np.argwhere(mask).max(0)) / 2
+            assert np.abs(box_centre(new) - box_centre(old)).max() <= 2
+        changed = {k for k in ("background", "shape", "colour", "motion")
+                   if (getattr(before, k) if k == "background" else getattr(before.objects[0], k))
+                   != (getattr(after, k) if k == "background" else getattr(after.objects[0], k))}
+        seen_attributes |= changed
+    assert seen_attributes == set(SWITCH_ATTRIBUTES)
+    plain = ShapesWorld(num_frames=45, switch_probability=0.5, seed=2)
+    frames = [plain[i]["switch_frame"] for i in range(40)]
+    assert 10 < frames.count(45) < 30  # about half the clips do not switch

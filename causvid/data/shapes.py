@@ -214,19 +214,44 @@ def render_clip(scene: SceneSpec, num_frames: int, height: int, width: int, rng:
     Shapes have hard edges, so every pixel is exactly the background colour or an
     object colour (later objects are drawn on top of earlier ones).
     """
+    return render_segments([(scene, 0)], num_frames, height, width, rng)
+
+
+def render_segments(
+    segments: Sequence[tuple[SceneSpec, int]], num_frames: int, height: int, width: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Render scenes one after another as uint8 [T, H, W, 3]: ``(scene, first_frame)`` pairs, in order.
+
+    The frame is a torus: what crosses one edge shows at the opposite one (only directional
+    movers ever reach an edge). Each scene takes over at its first frame, as a cut. Object i of a scene continues where
+    object i of the scene before it was (same place, speed and bounce direction) under its new
+    colour, shape, size or motion, so a switch changes what it names and nothing else.
+    """
     check_num_frames(num_frames)
     if min(height, width) < 16:
         raise ValueError(f"resolution must be at least 16x16, got {height}x{width}")
+    starts = [first for _, first in segments]
+    if not segments or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= num_frames:
+        raise ValueError(f"segment first frames must start at 0 and increase within {num_frames} frames, got {starts}")
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
-    frames[:] = BACKGROUNDS[scene.background]
     # Pixel centres, broadcastable against per-frame object centres of shape [T, 1, 1].
     ys = np.arange(height, dtype=np.float32)[None, :, None] + 0.5
     xs = np.arange(width, dtype=np.float32)[None, None, :] + 0.5
-    for obj in scene.objects:
-        radius = object_radius(obj.size, height, width)
-        cx, cy = object_trajectory(obj.motion, num_frames, height, width, radius, rng)
-        mask = shape_mask(obj.shape, xs - cx[:, None, None], ys - cy[:, None, None], radius)
-        frames[mask] = COLOURS[obj.colour]
+    placements: list[Placement] = []
+    for index, (scene, first) in enumerate(segments):
+        last = starts[index + 1] if index + 1 < len(segments) else num_frames
+        part = frames[first:last]
+        part[:] = BACKGROUNDS[scene.background]
+        for i, obj in enumerate(scene.objects):
+            radius = object_radius(obj.size, height, width)
+            if i == len(placements):
+                placements.append(sample_placement(obj.motion, height, width, radius, rng))
+            cx, cy = object_path(obj.motion, placements[i], last - first + 1, height, width, radius)
+            placements[i] = placement_at(placements[i], cx, cy)  # where the next scene picks it up
+            dx = _wrapped(xs - cx[:-1, None, None], width)
+            dy = _wrapped(ys - cy[:-1, None, None], height)
+            mask = shape_mask(obj.shape, dx, dy, radius)
+            part[mask] = COLOURS[obj.colour]
     return frames
 
 
@@ -241,39 +266,115 @@ def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.
     return (dy <= radius) & (np.abs(dx) <= (dy + radius) / 2)
 
 
-def object_trajectory(
-    motion: str, num_frames: int, height: int, width: int, radius: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-frame float centre (x, y) of an object that stays inside the frame."""
-    t = np.arange(num_frames, dtype=np.float64)
+@dataclass(frozen=True)
+class Placement:
+    """An object's state at the first frame of a path: centre (x, y) in pixels, speed in pixels
+    per frame, and the signs of a bouncing velocity."""
+
+    x: float
+    y: float
+    speed: float
+    signs: tuple[float, float]
+
+
+def sample_placement(motion: str, height: int, width: int, radius: float, rng: np.random.Generator) -> Placement:
+    """A random start: fully in frame, and for directional movers anywhere along their axis."""
     scale = min(height, width) / REFERENCE_SIZE
-    speed = rng.uniform(*SPEED_RANGE_AT_64) * scale
-    # Centres live in [radius, size - radius]; ``spans`` is the length of that range.
-    spans = np.array([width, height], dtype=np.float64) - 2 * radius
-    start = radius + rng.uniform(0.0, 1.0, size=2) * spans
+    speed = float(rng.uniform(*SPEED_RANGE_AT_64) * scale)
+    # Centres live in [radius, size - radius] when fully in frame.
+    x, y = radius + rng.uniform(0.0, 1.0, size=2) * (np.array([width, height]) - 2 * radius)
+    signs = tuple(float(s) for s in rng.choice([-1.0, 1.0], size=2))
+    if motion in DIRECTIONS:
+        axis = DIRECTIONS[motion][0]
+        along = rng.uniform(0.0, 1.0) * (width, height)[axis]
+        x, y = (along, y) if axis == 0 else (x, along)
+    return Placement(float(x), float(y), speed, signs)
+
+
+def object_path(
+    motion: str, placement: Placement, num_frames: int, height: int, width: int, radius: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame float centre (x, y) of an object over ``num_frames`` frames from ``placement``.
+
+    Still objects stay put and bouncing ones reflect off the walls, both fully in frame.
+    Directional movers go at a steady speed and wrap around: what leaves one edge comes back in
+    at the opposite one, so the centre lives in [0, size).
+    """
+    t = np.arange(num_frames, dtype=np.float64)
+    sizes = np.array([width, height], dtype=np.float64)
+    spans = sizes - 2 * radius
+    inside = radius + np.clip(np.array([placement.x, placement.y]) - radius, 0.0, spans)
     if motion == "still":
-        return np.full(num_frames, start[0]), np.full(num_frames, start[1])
+        return np.full(num_frames, inside[0]), np.full(num_frames, inside[1])
     if motion == "bouncing":
-        velocity = speed * rng.choice([-1.0, 1.0], size=2)
-        x = radius + _reflect(start[0] - radius + velocity[0] * t, spans[0])
-        y = radius + _reflect(start[1] - radius + velocity[1] * t, spans[1])
+        velocity = placement.speed * np.array(placement.signs)
+        x = radius + _reflect(inside[0] - radius + velocity[0] * t, spans[0])
+        y = radius + _reflect(inside[1] - radius + velocity[1] * t, spans[1])
         return x, y
     axis, sign = DIRECTIONS[motion]
-    # Long clips slow down rather than leave the frame: the object must stay visible.
-    speed = min(speed, spans[axis] / max(num_frames - 1, 1))
-    travel = speed * (num_frames - 1)
-    along = radius + rng.uniform(0.0, spans[axis] - travel) + speed * t
-    if sign < 0:
-        along = (width, height)[axis] - along  # mirror: start on the far side
-    position = [np.full(num_frames, start[0]), np.full(num_frames, start[1])]
-    position[axis] = along
+    position = [np.full(num_frames, inside[0]), np.full(num_frames, inside[1])]
+    start = (placement.x, placement.y)[axis]
+    position[axis] = np.mod(start + sign * placement.speed * t, sizes[axis])
     return position[0], position[1]
+
+
+def placement_at(placement: Placement, x: np.ndarray, y: np.ndarray) -> Placement:
+    """The placement a path reaches at its last frame, heading the way it was going."""
+    step = np.array([x[-1] - x[-2], y[-1] - y[-2]]) if len(x) > 1 else np.zeros(2)
+    signs = tuple(float(np.sign(d)) if abs(d) > 1e-9 else s for d, s in zip(step, placement.signs))
+    return Placement(float(x[-1]), float(y[-1]), placement.speed, signs)
+
+
+def _wrapped(offset: np.ndarray, size: int) -> np.ndarray:
+    """Pixel offsets from a centre on a torus of ``size``: the shortest way round, in [-size/2, size/2)."""
+    return np.mod(offset + size / 2, size) - size / 2
 
 
 def _reflect(offset: np.ndarray, span: float) -> np.ndarray:
     """Fold an unbounded 1-D path into [0, span] as if it bounced off both ends."""
     folded = np.mod(offset, 2 * span)
     return np.where(folded > span, 2 * span - folded, folded)
+
+
+# ---------------------------------------------------------------------------
+# Scene switches
+
+# What a switch may change: the background, or the first object's colour, shape or motion.
+SWITCH_ATTRIBUTES = ("background", "colour", "shape", "motion")
+# Pixel frames per latent frame after the first (the video autoencoder compresses time by 4).
+FRAMES_PER_LATENT = 4
+
+
+def block_first_frame(block: int, block_frames: int) -> int:
+    """The first pixel frame of latent block ``block``: latent frame 0 is one pixel frame, later ones four."""
+    latent = block * block_frames
+    return 0 if latent == 0 else 1 + FRAMES_PER_LATENT * (latent - 1)
+
+
+def switched_scene(
+    scene: SceneSpec,
+    attribute: str,
+    rng: np.random.Generator,
+    include_held_out: bool = False,
+    restrict: Mapping[str, Sequence[str]] | None = None,
+) -> SceneSpec:
+    """``scene`` with one attribute changed to another allowed value at random (``SWITCH_ATTRIBUTES``)."""
+    _check_choice("switch attribute", attribute, SWITCH_ATTRIBUTES)
+    values = restricted_values(restrict, include_held_out)
+    current = scene.background if attribute == "background" else getattr(scene.objects[0], attribute)
+    for value in rng.permutation([v for v in values[attribute] if v != current]):
+        if attribute == "background":
+            candidate = (str(value), scene.objects)
+        else:
+            first = dataclasses.replace(scene.objects[0], **{attribute: str(value)})
+            candidate = (scene.background, (first, *scene.objects[1:]))
+        try:
+            switched = SceneSpec(*candidate)
+        except ValueError:  # a colour clash with the background or the other object
+            continue
+        if include_held_out or not any(is_held_out(obj) for obj in switched.objects):
+            return switched
+    raise ValueError(f"no allowed {attribute} to switch to in {scene_to_json(scene)}")
 
 
 # ---------------------------------------------------------------------------
@@ -368,6 +469,11 @@ class ShapesWorld(torch.utils.data.Dataset):
 
     Items are ``{"video": float32 [3, T, H, W] in [-1, 1], "caption": str,
     "scene": JSON string}``; resuming training at data position ``i`` is exact.
+
+    With ``switch_probability`` > 0 that share of clips switches scene (``switched_scene``) at
+    the start of a random latent block after the first (``block_frames`` latent frames a block),
+    and every item also has ``"switch_caption"``, ``"switch_scene"`` and ``"switch_frame"``, the
+    first pixel frame of the new scene (``num_frames`` when the clip does not switch).
     """
 
     def __init__(
@@ -380,9 +486,13 @@ class ShapesWorld(torch.utils.data.Dataset):
         length: int = 10**9,
         max_objects: int = 2,
         restrict: Mapping[str, Sequence[str]] | None = None,
+        switch_probability: float = 0.0,
+        block_frames: int = 3,
     ) -> None:
         check_num_frames(num_frames)
         restricted_values(restrict, include_held_out)  # a bad restriction fails here, not mid-training
+        if not 0.0 <= switch_probability <= 1.0:
+            raise ValueError(f"switch_probability must be in [0, 1], got {switch_probability}")
         self.num_frames = num_frames
         self.height = height
         self.width = width
@@ -391,6 +501,12 @@ class ShapesWorld(torch.utils.data.Dataset):
         self.length = length
         self.max_objects = max_objects
         self.restrict = restrict
+        self.switch_probability = switch_probability
+        self.block_frames = block_frames
+        latent_frames = 1 + (num_frames - 1) // FRAMES_PER_LATENT
+        self.num_blocks = -(-latent_frames // block_frames)
+        if switch_probability > 0 and self.num_blocks < 2:
+            raise ValueError(f"a scene switch needs clips of at least 2 blocks; {num_frames} frames are one")
 
     def __len__(self) -> int:
         return self.length
@@ -400,9 +516,18 @@ class ShapesWorld(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for ShapesWorld of length {self.length}")
         rng = np.random.default_rng([self.seed, index])
         scene = sample_scene(rng, self.include_held_out, self.max_objects, self.restrict)
-        clip = render_clip(scene, self.num_frames, self.height, self.width, rng)
-        caption = random_caption(scene, rng)
-        return {"video": clip_to_tensor(clip), "caption": caption, "scene": scene_to_json(scene)}
+        segments = [(scene, 0)]
+        if self.switch_probability > 0 and rng.random() < self.switch_probability:
+            attribute = str(rng.choice(SWITCH_ATTRIBUTES))
+            first = block_first_frame(int(rng.integers(1, self.num_blocks)), self.block_frames)
+            segments.append((switched_scene(scene, attribute, rng, self.include_held_out, self.restrict), first))
+        clip = render_segments(segments, self.num_frames, self.height, self.width, rng)
+        item = {"video": clip_to_tensor(clip), "caption": random_caption(scene, rng), "scene": scene_to_json(scene)}
+        if self.switch_probability > 0:
+            after, first = segments[-1] if len(segments) > 1 else (scene, self.num_frames)
+            item.update(switch_caption=random_caption(after, rng), switch_scene=scene_to_json(after),
+                        switch_frame=first)
+        return item
 
 
 def clip_to_tensor(clip: np.ndarray) -> torch.Tensor:

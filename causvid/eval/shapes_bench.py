@@ -245,7 +245,23 @@ def palette_index(rgb: tuple[int, int, int]) -> int:
 
 
 def largest_blob(mask: np.ndarray) -> Blob | None:
-    """Largest 8-connected component of a boolean mask, or None when the mask is empty."""
+    """Largest 8-connected component of a boolean mask on a torus, or None when the mask is empty.
+
+    Objects that wrap around show at two opposite edges at once; where a colour touches both, the
+    mask is rolled by half the frame first, which joins the halves (objects are under half a frame
+    wide), and the centroid rolled back.
+    """
+    height, width = mask.shape
+    shift = (height // 2 if mask[0].any() and mask[-1].any() else 0,
+             width // 2 if mask[:, 0].any() and mask[:, -1].any() else 0)
+    blob = _largest_component(np.roll(mask, shift, axis=(0, 1)) if any(shift) else mask)
+    if blob is None or not any(shift):
+        return blob
+    x, y = blob.centroid
+    return Blob(blob.area, ((x - shift[1]) % width, (y - shift[0]) % height), blob.crop)
+
+
+def _largest_component(mask: np.ndarray) -> Blob | None:
     count, components, stats, centroids = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     if count <= 1:
         return None
@@ -269,13 +285,28 @@ def classify_shape(crop: np.ndarray) -> str:
     return best if ious[best] >= MIN_SHAPE_IOU else "unknown"
 
 
-def classify_motion(centroids: np.ndarray, scale: float) -> str:
+def track_steps(track: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:
+    """Steps [T - 1, 2] between the rows of a centroid track, wrap-arounds undone: a jump of over
+    half the frame is an object leaving one edge and entering at the other, so it counts as the
+    short step the other way (``frame_size`` is (width, height)). NaN rows give NaN steps."""
+    size = np.asarray(frame_size, dtype=np.float64)
+    steps = np.diff(track, axis=0)
+    return steps - np.where(np.abs(steps) > size / 2, np.sign(steps) * size, 0.0)
+
+
+def unwrap_track(track: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:
+    """A [T, 2] centroid track (no NaN rows) as one continuous path, wrap-arounds undone."""
+    return np.concatenate([track[:1], track[:1] + np.cumsum(track_steps(track, frame_size), axis=0)])
+
+
+def classify_motion(centroids: np.ndarray, scale: float, frame_size: tuple[int, int]) -> str:
     """Motion label from a [T, 2] centroid trajectory (NaN rows = object missing).
 
-    Returns one of MOTIONS, or "unknown" when the object is missing in half the frames.
+    A wrap-around counts as motion the way it went (``unwrap_track``). Returns one of
+    MOTIONS, or "unknown" when the object is missing in half the frames.
     """
     num_frames = len(centroids)
-    track = centroids[~np.isnan(centroids[:, 0])]
+    track = unwrap_track(centroids[~np.isnan(centroids[:, 0])], frame_size)
     if len(track) < max(2, num_frames / 2):
         return "unknown"
     track = _median_filter3(track)  # a single misdetected frame should not look like motion
@@ -292,7 +323,7 @@ def classify_motion(centroids: np.ndarray, scale: float) -> str:
     return {(0, False): "left", (0, True): "right", (1, False): "up", (1, True): "down"}[(axis, bool(net[axis] > 0))]
 
 
-def named_travel(centroids: np.ndarray, motion: str, scale: float) -> float | None:
+def named_travel(centroids: np.ndarray, motion: str, scale: float, frame_size: tuple[int, int]) -> float | None:
     """Mean speed along the named direction (pixels per frame at 64 px), negative the other way.
 
     Unlike the motion label it grades a wobbling object that still heads the named way. None
@@ -302,7 +333,7 @@ def named_travel(centroids: np.ndarray, motion: str, scale: float) -> float | No
     if motion not in DIRECTIONS or len(tracked) < 2:
         return None
     axis, sign = DIRECTIONS[motion]
-    track = _median_filter3(centroids[tracked])
+    track = _median_filter3(unwrap_track(centroids[tracked], frame_size))
     return float(sign * (track[-1, axis] - track[0, axis]) / (tracked[-1] - tracked[0]) / scale)
 
 
@@ -331,14 +362,15 @@ def analyze_object(labels: np.ndarray, obj: ObjectSpec, distractors: Sequence[in
         shapes[t] = classify_shape(blob.crop)
         areas[t] = blob.area
         centroids[t] = blob.centroid
-    motion = classify_motion(centroids, scale)
+    frame_size = (labels.shape[2], labels.shape[1])
+    motion = classify_motion(centroids, scale, frame_size)
     return {
         "colour": float(colour_ok.mean()),
         "shape": float(np.mean([shape == obj.shape for shape in shapes])),
         "direction": float(motion == obj.motion),
-        "travel": named_travel(centroids, obj.motion, scale),
+        "travel": named_travel(centroids, obj.motion, scale, frame_size),
         "subject_consistency": _stability(areas),
-        "jerk": _jerk(centroids, scale),
+        "jerk": _jerk(centroids, scale, frame_size),
         "predicted_shape": Counter(shapes).most_common(1)[0][0],
         "predicted_motion": motion,
     }
@@ -350,9 +382,9 @@ def _stability(values: np.ndarray) -> float:
     return float(np.clip(1.0 - values.std() / mean, 0.0, 1.0)) if mean > 0 else 0.0
 
 
-def _jerk(centroids: np.ndarray, scale: float) -> float | None:
+def _jerk(centroids: np.ndarray, scale: float, frame_size: tuple[int, int]) -> float | None:
     """Mean |third difference| of the centroid (pixels at 64 px); None if never tracked 4 frames in a row."""
-    third = np.linalg.norm(np.diff(centroids, n=3, axis=0), axis=1)
+    third = np.linalg.norm(np.diff(track_steps(centroids, frame_size), n=2, axis=0), axis=1)
     third = third[np.isfinite(third)]
     return float(third.mean() / scale) if len(third) else None
 
