@@ -51,6 +51,7 @@ class PipelineConfig:
     negative_prompt: str = ""
     sink_frames: int = 1  # rolling cache for unbounded streams: frames kept forever...
     window_frames: int = 12  # ...plus this many most recent latent frames
+    switch_recache: bool = True  # on a prompt switch, recompute the cached frames' K/V under the new prompt
     text_encoder: dict = field(default_factory=lambda: {"type": "minilm", "max_length": 32})
 
     @classmethod

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import torch
 
+from causvid.models.attention import KVCache
 from causvid.models.denoiser import WanDenoiser
 from causvid.samplers import VelocityFn, sample_few_step
 
 
 class CausalRollout:
-    """One stream's generation state over a shared denoiser: KV cache (or history) and RNG.
+    """One stream's generation state over a shared denoiser: KV cache, context latents and RNG.
 
-    With `use_kv_cache=False` every step recomputes a full block-causal forward over all clean
-    frames so far plus the current block. It is slow and exists to check the cached path.
+    `history` holds the clean latents of the frames later blocks see: those the rolling cache
+    keeps (so `recache` can rebuild it), or, with `use_kv_cache=False`, every frame so far, over
+    which each step recomputes a full block-causal forward. That path is slow and exists to
+    check the cached one.
     """
 
     def __init__(
@@ -90,8 +93,50 @@ class CausalRollout:
     def commit(self, clean: torch.Tensor, text: torch.Tensor) -> None:
         """Make clean latents context for later blocks: the pass at sigma=0 that fills the KV cache."""
         if self.cache is not None:
-            zero = torch.zeros(clean.shape[0], device=clean.device)
-            self.denoiser(clean, zero, text, cache=self.cache, write_cache=True)
-        else:
-            self.history = clean if self.history is None else torch.cat([self.history, clean], dim=2)
+            self._write_cache(clean, text)
+        history = clean if self.history is None else torch.cat([self.history, clean], dim=2)
+        keep = None if self.cache is None else self.cache.kept_frames(history.shape[2])
+        self.history = history if keep is None else history[:, :, keep.to(history.device)]
         self.frames_done += clean.shape[2]
+
+    def _write_cache(self, clean: torch.Tensor, text: torch.Tensor) -> None:
+        zero = torch.zeros(clean.shape[0], device=clean.device)
+        self.denoiser(clean, zero, text, cache=self.cache, write_cache=True)
+
+    @torch.no_grad()
+    def recache(self, text: torch.Tensor) -> None:
+        """Rebuild the KV cache from the frames it holds, under a new prompt (LongLive's KV re-cache).
+
+        Cached keys and values depend on the prompt the frames were committed under; after a
+        prompt switch the old ones pull later blocks back to the old scene. The held frames are
+        committed again from an empty cache, in blocks counted back from the newest frame (so the
+        latest blocks are re-formed as they were made; the sinks or an image prefix lead).
+        Without a KV cache every step already reads the current prompt: nothing to do.
+        """
+        if self.cache is None or self.history is None:
+            return
+        old = self.cache
+        self.cache = self.denoiser.new_cache(self.height, self.width, old.sink_frames, old.window_frames)
+        frames, block = self.history.shape[2], self.denoiser.block_frames
+        starts = [0] + list(range(frames % block or block, frames, block))
+        for start, end in zip(starts, starts[1:] + [frames]):
+            self._write_cache(self.history[:, :, start:end], text)
+
+    @classmethod
+    def stacked(cls, rollouts: list["CausalRollout"], sigmas: torch.Tensor) -> "CausalRollout":
+        """One rollout whose batch rows are the given streams' (equal cache lengths), to denoise or
+        commit their blocks in one pass each; `scatter` hands the rows back."""
+        first = rollouts[0]
+        batch = cls(first.denoiser, sigmas, (first.channels, first.height, first.width), batch=len(rollouts),
+                    device=first.device)
+        batch.cache = KVCache.stacked([r.cache for r in rollouts])
+        if first.history is not None:
+            batch.history = torch.cat([r.history for r in rollouts])
+        return batch  # its frames_done counts the frames committed while stacked
+
+    def scatter(self, rollouts: list["CausalRollout"]) -> None:
+        """Write this stacked rollout's rows back into the streams it was stacked from."""
+        for row, rollout in enumerate(rollouts):
+            rollout.cache.take_row(self.cache, row)
+            rollout.history = None if self.history is None else self.history[row : row + 1]
+            rollout.frames_done += self.frames_done

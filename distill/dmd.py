@@ -98,7 +98,14 @@ class DMDObjective(StudentObjective):
         guidance_scale: the real score's CFG scale (default: the pipeline's).
         sigma_range: the range DMD and critic noise levels are clipped to.
         causal_teacher: run the real and fake scores under the block-causal mask (ablation).
-        num_frames: pixel frames of a self-forcing rollout (1 + 4k, whole blocks).
+        num_frames: pixel frames of the window the scores judge (1 + 4k, whole blocks): the teacher's length.
+        rollout_blocks: self-forcing only: how many blocks a rollout may run; the judged window
+            starts at a random block, so rollouts past the teacher's horizon train the stream's
+            later blocks too (Self-Forcing++). None: the window alone, from the first block.
+        switch_probability: self-forcing only: the share of rollouts whose prompt switches (to the
+            batch's `switch_caption`) at a random block by the window's start; the window is then
+            judged under the new prompt (LongLive). The cache is re-cached at the switch when the
+            pipeline's `switch_recache` says so, as at inference.
         sample_cases, sample_frames: the shapes-bench check run every `sample_every` steps.
     """
 
@@ -113,6 +120,8 @@ class DMDObjective(StudentObjective):
         sigma_range: tuple[float, float] = (0.02, 0.98),
         causal_teacher: bool = False,
         num_frames: int = 21,
+        rollout_blocks: int | None = None,
+        switch_probability: float = 0.0,
         sample_cases: int = 4,
         sample_frames: int = 33,
     ):
@@ -127,6 +136,16 @@ class DMDObjective(StudentObjective):
         self.generator_input = generator_input
         self.generator_every = generator_every
         self.latent_frames = num_latent_frames(num_frames)
+        window_blocks = -(-self.latent_frames // self.pipeline_config.block_frames)
+        self.rollout_blocks = window_blocks if rollout_blocks is None else rollout_blocks
+        if self.rollout_blocks < window_blocks:
+            raise ValueError(f"rollout_blocks ({self.rollout_blocks}) must cover the judged window ({window_blocks} blocks)")
+        if generator_input != "self_forcing" and (rollout_blocks is not None or switch_probability > 0):
+            raise ValueError("rollout_blocks and switch_probability need generator_input 'self_forcing'")
+        if not 0.0 <= switch_probability <= 1.0:
+            raise ValueError(f"switch_probability must be in [0, 1], got {switch_probability}")
+        self.window_blocks = window_blocks
+        self.switch_probability = switch_probability
         # None: the teacher's weights, i.e. DMD without ODE initialisation (an ablation).
         self.generator = self.load_student(generator_init)
         # The critic starts as the teacher (DMD2): a good video score, which then follows the generator.
@@ -154,15 +173,16 @@ class DMDObjective(StudentObjective):
         train_generator = step % self.generator_every == 0
         # Between generator updates the samples only feed the critic: no graph needed.
         with torch.set_grad_enabled(train_generator):
-            x = self.generate(models["generator"], batch, text, generator, device)
+            x, text = self.generate(models["generator"], batch, text, generator, device)
         losses = {"critic": self.dmd.critic_loss(x, models["critic"], text, generator)}
         if train_generator:
             null_text = self.encode([self.pipeline_config.negative_prompt] * len(text), device)
             losses["generator"] = self.dmd.generator_loss(x, models["critic"], text, null_text, generator)
         return losses
 
-    def generate(self, model, batch, text, generator, device) -> torch.Tensor:
-        """The generator's samples [B, C, F, H, W] for this step, in the configured input mode."""
+    def generate(self, model, batch, text, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator's samples [B, C, F, H, W] for this step, in the configured input mode, and
+        the prompt embeddings they were made under (the new ones after a switch)."""
         sigmas = self.sigmas.to(device)
         if self.generator_input == "causvid":
             # CausVid: teacher ODE endpoints noised to a random student level per block, one causal forward.
@@ -170,10 +190,18 @@ class DMDObjective(StudentObjective):
             level = block_levels(x0.shape[0], x0.shape[2], self.pipeline_config.block_frames, len(sigmas), generator)
             sigma = sigmas[level.to(device)]
             x_t = add_noise(x0, randn_like(x0, generator), sigma)
-            return x0_from_velocity(x_t, model(x_t, sigma, text, causal=True), sigma)
+            return x0_from_velocity(x_t, model(x_t, sigma, text, causal=True), sigma), text
+        # Exactly the inference stream: the pipeline's rolling cache and switch handling.
         rollout = CausalRollout(
             self.generator, sigmas, self.teacher_pipeline.latent_shape, batch=len(text),
             sink_frames=self.pipeline_config.sink_frames, window_frames=self.pipeline_config.window_frames,
             generator=generator, device=device,
         )
-        return self_forcing_rollout(rollout, model, text, self.latent_frames, generator)
+        start = int(torch.randint(self.rollout_blocks - self.window_blocks + 1, (1,), generator=generator))
+        switch = None
+        if start > 0 and float(torch.rand(1, generator=generator)) < self.switch_probability:
+            switch = (int(torch.randint(1, start + 1, (1,), generator=generator)),
+                      self.encode(batch["switch_caption"], device))
+        x = self_forcing_rollout(rollout, model, text, self.latent_frames, generator, start_block=start, switch=switch,
+                                 recache=self.pipeline_config.switch_recache)
+        return x, text if switch is None else switch[1]

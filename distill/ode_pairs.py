@@ -23,7 +23,14 @@ import yaml
 from safetensors import safe_open
 
 from causvid.checkpoint import atomic_save_tensors, atomic_write_json, read_json
-from causvid.data.shapes import random_caption, sample_scene, scene_to_json
+from causvid.data.shapes import (
+    SWITCH_ATTRIBUTES,
+    random_caption,
+    sample_scene,
+    scene_from_json,
+    scene_to_json,
+    switched_scene,
+)
 from causvid.models.autoencoder import num_latent_frames
 from causvid.pipeline import CausVidPipeline
 from causvid.samplers import VelocityFn, guided_velocity, sample_euler
@@ -71,6 +78,13 @@ def training_prompt(seed: int, index: int) -> tuple[str, str]:
     rng = np.random.default_rng([seed, index])
     scene = sample_scene(rng)
     return random_caption(scene, rng), scene_to_json(scene)
+
+
+def switch_prompt(seed: int, index: int) -> str:
+    """A caption for prompt `index` after a scene switch: its scene with one attribute changed."""
+    rng = np.random.default_rng([seed, index, 1])
+    scene = scene_from_json(training_prompt(seed, index)[1])
+    return random_caption(switched_scene(scene, str(rng.choice(SWITCH_ATTRIBUTES)), rng), rng)
 
 
 def pair_noise(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:

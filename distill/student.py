@@ -17,11 +17,12 @@ from causvid.models.denoiser import WanDenoiser
 from causvid.pipeline import CausVidPipeline, load_pipeline
 from causvid.train import Objective
 from distill.compare import bench
-from distill.ode_pairs import OdePairs, training_prompt
+from distill.ode_pairs import OdePairs, switch_prompt, training_prompt
 
 
 class TrainingPrompts(torch.utils.data.Dataset):
-    """Captions only (item i: `training_prompt(seed, i)`), for generators that start from noise."""
+    """Captions only (item i: `training_prompt(seed, i)`), for generators that start from noise,
+    each with the caption a prompt switch would go to (`switch_prompt`)."""
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -30,7 +31,7 @@ class TrainingPrompts(torch.utils.data.Dataset):
         return 10**9
 
     def __getitem__(self, index: int) -> dict:
-        return {"caption": training_prompt(self.seed, index)[0]}
+        return {"caption": training_prompt(self.seed, index)[0], "switch_caption": switch_prompt(self.seed, index)}
 
 
 def build_dataset(data: dict) -> torch.utils.data.Dataset:

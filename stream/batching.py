@@ -14,69 +14,25 @@ from collections import defaultdict
 
 import torch
 
-from causvid.models.attention import KVCache
 from causvid.rollout import CausalRollout
 from causvid.samplers import sample_few_step
 from stream.generator import BlockPlan
-
-
-def stack_caches(caches: list[KVCache]) -> KVCache:
-    """One cache whose batch rows are the given caches (all holding the same number of frames)."""
-    first = caches[0]
-    merged = KVCache(first.num_layers, first.tokens_per_frame, first.sink_frames, first.window_frames)
-    for layer in range(first.num_layers):
-        if first.keys[layer] is not None:
-            merged.keys[layer] = torch.cat([c.keys[layer] for c in caches])
-            merged.values[layer] = torch.cat([c.values[layer] for c in caches])
-    # The prompts' cross-attention K/V carry over only if every stream has them; otherwise the
-    # merged cache recomputes them for all (KVCache.sync_prompt sees no cross_text).
-    if all(c.cross_text is not None and all(x is not None for x in c.cross) for c in caches):
-        merged.cross_text = torch.cat([c.cross_text for c in caches])
-        merged.cross = [
-            (torch.cat([c.cross[layer][0] for c in caches]), torch.cat([c.cross[layer][1] for c in caches]))
-            for layer in range(first.num_layers)
-        ]
-    return merged
-
-
-def unstack_cache(merged: KVCache, caches: list[KVCache]) -> None:
-    """Write the batch rows of `merged` back into the streams' own caches."""
-    for i, cache in enumerate(caches):
-        row = slice(i, i + 1)
-        for layer in range(merged.num_layers):
-            if merged.keys[layer] is not None:  # None until a first block is committed
-                cache.keys[layer] = merged.keys[layer][row]
-                cache.values[layer] = merged.values[layer][row]
-            key, value = merged.cross[layer]
-            cache.cross[layer] = (key[row], value[row])
-        cache.cross_text = merged.cross_text[row]
 
 
 def _batch_key(plan: BlockPlan) -> tuple:
     return (plan.generator.rollout.cache.cached_frames, tuple(plan.sigmas.tolist()), tuple(plan.noise.shape))
 
 
-def _stacked(plans: list[BlockPlan]) -> CausalRollout:
-    """One rollout whose batch rows are the plans' streams (their caches stacked)."""
-    first = plans[0].generator.rollout
-    batch = CausalRollout(
-        first.denoiser, plans[0].sigmas, (first.channels, first.height, first.width), batch=len(plans),
-        sink_frames=first.cache.sink_frames, window_frames=first.cache.window_frames, device=first.device,
-    )
-    batch.cache = stack_caches([plan.generator.rollout.cache for plan in plans])
-    return batch
-
-
 def _denoise_together(plans: list[BlockPlan]) -> list[torch.Tensor]:
     """`CausalRollout.denoise_block` for several streams at once; returns each stream's clean block."""
     rollouts = [plan.generator.rollout for plan in plans]
-    batch, frames = _stacked(plans), plans[0].noise.shape[2]
+    batch, frames = CausalRollout.stacked(rollouts, plans[0].sigmas), plans[0].noise.shape[2]
     # Each stream re-noises from its own generator, so its block equals the one it gets alone.
     x0 = sample_few_step(
         batch.velocity_fn(torch.cat([plan.text for plan in plans])), torch.cat([plan.noise for plan in plans]),
         plans[0].sigmas, lambda: torch.cat([r.noise(frames) for r in rollouts]),
     )
-    unstack_cache(batch.cache, [r.cache for r in rollouts])  # keeps the prompts' cross-attention K/V
+    batch.scatter(rollouts)  # keeps the prompts' cross-attention K/V
     return list(x0.split(1))
 
 
@@ -110,9 +66,7 @@ def commit(plans: list[BlockPlan], groups: list[list[int]], clean: list[torch.Te
         if len(group) == 1:
             group[0].generator.rollout.commit(clean[members[0]], group[0].text)
             continue
-        batch = _stacked(group)
-        batch.commit(torch.cat([clean[i] for i in members]), torch.cat([plan.text for plan in group]))
         rollouts = [plan.generator.rollout for plan in group]
-        unstack_cache(batch.cache, [r.cache for r in rollouts])
-        for rollout in rollouts:
-            rollout.frames_done += clean[members[0]].shape[2]
+        batch = CausalRollout.stacked(rollouts, group[0].sigmas)
+        batch.commit(torch.cat([clean[i] for i in members]), torch.cat([plan.text for plan in group]))
+        batch.scatter(rollouts)

@@ -1,4 +1,4 @@
-"""`causvid serve`, `causvid client` and `causvid bench stream` (registered through setup.cfg)."""
+"""`causvid serve`, `causvid client`, `causvid bench stream` and `causvid bench live` (registered through setup.cfg)."""
 
 from __future__ import annotations
 
@@ -90,6 +90,20 @@ def _bench_stream(args: argparse.Namespace) -> None:
     print(json.dumps(record))
 
 
+def _bench_live(args: argparse.Namespace) -> None:
+    from stream.live_bench import run_live_bench
+
+    _set_threads(args.threads)
+    record = run_live_bench(
+        args.checkpoint, args.device, seconds=args.seconds, switch_seconds=args.switch_seconds,
+        i2v_seconds=args.i2v_seconds, segment_seconds=args.segment_seconds, num_long=args.streams, seed=args.seed,
+        recache={"on": True, "off": False, None: None}[args.recache], sheet=args.sheet,
+    )
+    if args.out is not None:
+        args.out.write_text(json.dumps(record, indent=2))
+    print(json.dumps(record))
+
+
 class _SwitchAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         try:
@@ -147,3 +161,18 @@ def register(subparsers) -> None:
                         help="the server's torch threads (default: one fewer, as `causvid serve` does)")
     add_checkpoint_args(stream)
     stream.set_defaults(func=_bench_stream)
+
+    live = benches.add_parser("live", help="long streams, switch chains and image-to-video, judged per segment")
+    live.add_argument("--seconds", type=float, default=600.0, help="length of each single-prompt stream")
+    live.add_argument("--streams", type=int, default=2, help="how many single-prompt streams (1-4)")
+    live.add_argument("--switch-seconds", type=float, default=6.0, help="time on each prompt of the switch chain")
+    live.add_argument("--i2v-seconds", type=float, default=20.0, help="length of each image-to-video stream")
+    live.add_argument("--segment-seconds", type=float, default=10.0, help="scored segment length")
+    live.add_argument("--seed", type=int, default=0)
+    live.add_argument("--recache", choices=("on", "off"), default=None,
+                      help="KV re-cache on the chain's switches (default: the model's switch_recache)")
+    live.add_argument("--sheet", type=Path, default=None, help="write a contact sheet (PNG) here")
+    live.add_argument("--out", type=Path, default=None, help="also write the JSON record here")
+    live.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_checkpoint_args(live)
+    live.set_defaults(func=_bench_live)

@@ -90,8 +90,10 @@ class StreamClient:
         await self.send("start", mode=mode, prompt=prompt, **options)
         return await self.wait_event("started")
 
-    async def switch_prompt(self, prompt: str, interpolate_blocks: int | None = None) -> None:
-        fields = {} if interpolate_blocks is None else {"interpolate_blocks": interpolate_blocks}
+    async def switch_prompt(self, prompt: str, interpolate_blocks: int | None = None,
+                            recache: bool | None = None) -> None:
+        fields = {name: value for name, value in (("interpolate_blocks", interpolate_blocks), ("recache", recache))
+                  if value is not None}
         await self.send("prompt", prompt=prompt, **fields)
 
     async def send_frame(self, frame: np.ndarray | bytes) -> None:

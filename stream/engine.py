@@ -176,8 +176,9 @@ class Engine:
     @staticmethod
     def _apply(generator: BlockGenerator, request: StartRequest, controls: Controls) -> None:
         if controls.switch is not None:
-            blocks = controls.switch.interpolate_blocks
-            generator.switch_prompt(controls.switch.prompt, request.interpolate_blocks if blocks is None else blocks)
+            switch = controls.switch
+            blocks = request.interpolate_blocks if switch.interpolate_blocks is None else switch.interpolate_blocks
+            generator.switch_prompt(switch.prompt, blocks, switch.recache)
         if generator.mode == "v2v":
             generator.feed(controls.inputs, controls.arrivals)
             if controls.end_input:

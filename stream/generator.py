@@ -77,6 +77,7 @@ class BlockGenerator:
         self.decoder = pipe.autoencoder.new_decoder_stream()
         self.text = pipe.encode_prompt(request.prompt)
         self._upcoming: list[torch.Tensor] = []  # embeddings of the next blocks during a prompt switch
+        self._recache = pipe.config.switch_recache
         self._events: list[tuple[str, dict]] = []
         self.blocks = 0
         self.frames = 0
@@ -111,12 +112,18 @@ class BlockGenerator:
         self.rollout.commit(latent, self.text)
         return latent
 
-    def switch_prompt(self, prompt: str, interpolate_blocks: int) -> None:
-        """Use `prompt` from the next block, after `interpolate_blocks` blocks of lerped embeddings."""
+    def switch_prompt(self, prompt: str, interpolate_blocks: int, recache: bool | None = None) -> None:
+        """Use `prompt` from the next block, after `interpolate_blocks` blocks of lerped embeddings.
+
+        With `recache` (default: the pipeline's `switch_recache`) each new embedding first
+        recomputes the cached frames' K/V under it (`CausalRollout.recache`).
+        """
         target = self.pipe.encode_prompt(prompt)
         n = interpolate_blocks
         self._upcoming = [torch.lerp(self.text, target, j / (n + 1)) for j in range(1, n + 1)] + [target]
-        self._events.append(("prompt", {"prompt": prompt, "block": self.blocks, "interpolate_blocks": n}))
+        self._recache = self.pipe.config.switch_recache if recache is None else recache
+        self._events.append(("prompt", {"prompt": prompt, "block": self.blocks, "interpolate_blocks": n,
+                                        "recache": self._recache}))
 
     def feed(self, images: list[np.ndarray], arrivals: list[float]) -> None:
         """v2v: encode input frames; complete latent frames queue up for denoising."""
@@ -155,6 +162,8 @@ class BlockGenerator:
             return None
         if self._upcoming:
             self.text = self._upcoming.pop(0)
+            if self._recache:
+                self.rollout.recache(self.text)
         self._origin = time.time()
         k = self.block_frames
         if self.mode != "v2v":

@@ -71,6 +71,7 @@ class StartRequest:
 class PromptSwitch:
     prompt: str
     interpolate_blocks: int | None = None  # None: the stream's default
+    recache: bool | None = None  # None: the model's default (PipelineConfig.switch_recache)
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,8 @@ def parse_message(raw: str | bytes, limits: Limits) -> Message:
     if kind == "start":
         return _start(data, limits)
     if kind == "prompt":
-        return PromptSwitch(_prompt(data, limits), _integer(data, "interpolate_blocks", 0, limits.max_interpolate_blocks, None))
+        return PromptSwitch(_prompt(data, limits), _integer(data, "interpolate_blocks", 0, limits.max_interpolate_blocks, None),
+                            _field(data, "recache", bool))
     if kind == "stop":
         return Stop()
     if kind == "end_input":

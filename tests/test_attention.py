@@ -162,3 +162,50 @@ def test_prompt_switch_resets_cross_attention_cache(tiny_denoiser, text_encoder)
     torch.testing.assert_close(switched, expected, atol=1e-6, rtol=0)
     assert not torch.allclose(old_prompt, switched)
     assert not torch.equal(stale_key, cache.cross[0][0])
+
+
+def test_kv_recache_equals_a_fresh_recompute_under_the_new_prompt(tiny_denoiser, text_encoder):
+    red, blue = text_encoder.encode(["a red circle"]), text_encoder.encode(["a blue square"])
+    _, cached = _rollout(tiny_denoiser, red, blocks=3)
+    noise = cached.noise(2)
+    sigma = torch.tensor([0.75])
+    with torch.no_grad():
+        stale = tiny_denoiser(noise, sigma, blue, cache=cached.cache)  # cross-attention reset only
+        cached.recache(blue)
+        recached = tiny_denoiser(noise, sigma, blue, cache=cached.cache)
+        # The uncached path recomputes every frame under the prompt it is given, every step.
+        fresh = CausalRollout(tiny_denoiser, SIGMAS, (C, H, W), use_kv_cache=False)
+        for start in range(0, 6, 2):
+            fresh.commit(cached.history[:, :, start : start + 2], blue)
+        expected = fresh.velocity_fn(blue)(noise, sigma)
+    torch.testing.assert_close(recached, expected, atol=1e-5, rtol=1e-5)
+    assert (stale - expected).abs().max() > 100 * (recached - expected).abs().max()
+
+
+def test_kv_recache_under_the_same_prompt_rebuilds_the_same_cache(tiny_denoiser, text_encoder):
+    red = text_encoder.encode(["a red circle"])
+    _, rollout = _rollout(tiny_denoiser, red, blocks=3)
+    before = [k.clone() for k in rollout.cache.keys]
+    rollout.recache(red)
+    for old, new in zip(before, rollout.cache.keys):
+        torch.testing.assert_close(new, old, atol=1e-6, rtol=0)
+
+
+def test_kv_recache_of_a_rolling_cache_keeps_its_frames_and_rebuilds_from_them(tiny_denoiser, text_encoder):
+    red, blue = text_encoder.encode(["a red circle"]), text_encoder.encode(["a blue square"])
+    frames, rollout = _rollout(tiny_denoiser, red, blocks=6, sink_frames=1, window_frames=4)
+    # The held latents are the frames the cache keeps: the sink and the latest window.
+    assert torch.equal(rollout.history, frames[:, :, [0, 8, 9, 10, 11]])
+    rollout.recache(blue)
+    assert rollout.cache.cached_frames == 5 and rollout.frames_done == 12
+    # Rebuilt as the sink alone, then the window's two blocks: what a stream of those frames holds.
+    rebuilt = CausalRollout(tiny_denoiser, SIGMAS, (C, H, W), sink_frames=1, window_frames=4)
+    with torch.no_grad():
+        for start, end in ((0, 1), (1, 3), (3, 5)):
+            rebuilt.commit(rollout.history[:, :, start:end], blue)
+    for layer in range(len(rollout.cache.keys)):
+        assert torch.equal(rollout.cache.keys[layer], rebuilt.cache.keys[layer])
+        assert torch.equal(rollout.cache.values[layer], rebuilt.cache.values[layer])
+    with torch.no_grad():
+        rollout.next_block(blue)  # and the stream goes on from it
+    assert rollout.cache.cached_frames == 5 and rollout.frames_done == 14

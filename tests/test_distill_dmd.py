@@ -168,3 +168,65 @@ def test_two_cpu_processes_keep_generator_and_critic_in_step(generator_input, pa
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     state = json.loads((tmp_path / "ddp" / "checkpoint-0000004" / "state.json").read_text())
     assert state["world_size"] == 2
+
+
+def _stream_blocks(denoiser, texts, seed, **cache):
+    """Blocks [B, C, F, H, W] as inference makes them: `texts[b]` for block b, re-cached on a change."""
+    rollout = CausalRollout(denoiser, student_sigmas([1000, 750, 500, 250]), (4, 8, 8), batch=texts[0].shape[0],
+                            generator=torch.Generator().manual_seed(seed), **cache)
+    blocks = []
+    with torch.no_grad():
+        for b, text in enumerate(texts):
+            if b and text is not texts[b - 1]:
+                rollout.recache(text)
+            blocks.append(rollout.next_block(text))
+    return torch.cat(blocks, dim=2), rollout
+
+
+@pytest.mark.parametrize("start_block", [0, 3, 5])
+def test_a_long_rollout_judges_the_window_where_it_lands_with_the_inference_cache(tiny_denoiser, start_block):
+    sigmas = student_sigmas([1000, 750, 500, 250])
+    cache = {"sink_frames": 1, "window_frames": 4}  # rolls from the third block of 2 frames on
+    text = torch.randn(2, 32, 384)
+    rollout = CausalRollout(tiny_denoiser, sigmas, (4, 8, 8), batch=2, generator=torch.Generator().manual_seed(3),
+                            **cache)
+    # With the exit step at the last level, a window block is made exactly as inference makes it.
+    window = self_forcing_rollout(rollout, tiny_denoiser, text, 4, torch.Generator(), start_block=start_block,
+                                  exit_step=len(sigmas) - 1)
+    expected, streamed = _stream_blocks(tiny_denoiser, [text] * (start_block + 2), seed=3, **cache)
+    assert window.shape == (2, 4, 4, 8, 8) and window.requires_grad
+    torch.testing.assert_close(window.detach(), expected[:, :, 2 * start_block:], atol=1e-5, rtol=1e-5)
+    assert rollout.frames_done == streamed.frames_done == 2 * (start_block + 2)
+    assert rollout.cache.cached_frames == streamed.cache.cached_frames == min(5, 2 * (start_block + 2))
+    torch.testing.assert_close(rollout.history, streamed.history, atol=1e-5, rtol=1e-5)
+
+
+def test_a_long_rollout_keeps_a_graph_only_inside_the_window(tiny_denoiser):
+    sigmas = student_sigmas([1000, 750, 500, 250])
+    graphs = []
+    tiny_denoiser.register_forward_pre_hook(lambda module, args, kwargs: graphs.append(torch.is_grad_enabled()),
+                                            with_kwargs=True)
+    rollout = CausalRollout(tiny_denoiser, sigmas, (4, 8, 8), batch=1, sink_frames=1, window_frames=4,
+                            generator=torch.Generator().manual_seed(0))
+    self_forcing_rollout(rollout, tiny_denoiser, torch.randn(1, 32, 384), 4, torch.Generator(), start_block=6,
+                         exit_step=len(sigmas) - 1)
+    # 6 blocks before the window: 4 steps and a commit each, all without a graph; then per window
+    # block 3 gradient-free steps, the exit step with a graph, and the commit.
+    assert graphs == [False] * 30 + [False, False, False, True, False] * 2
+
+
+def test_a_switch_in_a_rollout_follows_the_inference_switch(tiny_denoiser, text_encoder):
+    sigmas = student_sigmas([1000, 750, 500, 250])
+    red, blue = text_encoder.encode(["a red circle"] * 2), text_encoder.encode(["a blue square"] * 2)
+    cache = {"sink_frames": 1, "window_frames": 4}
+    windows = {}
+    for recache in (True, False):
+        rollout = CausalRollout(tiny_denoiser, sigmas, (4, 8, 8), batch=2, generator=torch.Generator().manual_seed(4),
+                                **cache)
+        windows[recache] = self_forcing_rollout(rollout, tiny_denoiser, red, 4, torch.Generator(), start_block=3,
+                                                switch=(2, blue), recache=recache, exit_step=len(sigmas) - 1).detach()
+    expected, _ = _stream_blocks(tiny_denoiser, [red, red, blue, blue, blue], seed=4, **cache)
+    torch.testing.assert_close(windows[True], expected[:, :, 6:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(windows[False], windows[True])  # the re-cache changes what follows
+    with pytest.raises(ValueError, match="by the window's start"):
+        self_forcing_rollout(rollout, tiny_denoiser, red, 4, torch.Generator(), start_block=1, switch=(2, blue))

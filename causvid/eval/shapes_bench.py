@@ -75,6 +75,10 @@ LOOKUP_STEP = 4
 
 # An object is present when its largest blob covers this fraction of a small circle.
 MIN_BLOB_FRACTION = 0.3
+# A frame is an artefact when its named background covers under half of it, or when more than
+# this share of its pixels is near no palette or background colour (stripes, smears, floods).
+ARTEFACT_MIN_BACKGROUND = 0.5
+ARTEFACT_MAX_UNCLASSIFIED = 0.08
 MIN_SHAPE_IOU = 0.6
 # Trajectory: an axis "moves" when its extent exceeds this many pixels per frame
 # (at 64 px) over the clip; ground truth moves at >= 1 px/frame (0.5 worst case after a bounce).
@@ -343,7 +347,8 @@ def _median_filter3(track: np.ndarray) -> np.ndarray:
 
 
 def analyze_object(labels: np.ndarray, obj: ObjectSpec, distractors: Sequence[int], scale: float) -> dict:
-    """Colour, shape, motion, subject consistency and jerk of one requested object."""
+    """Colour, shape, motion, subject consistency and jerk of one requested object; `colour_frames`
+    says per frame whether its colour test passed."""
     colour = palette_index(COLOURS[obj.colour])
     min_area = MIN_BLOB_FRACTION * np.pi * object_radius("small", *labels.shape[1:]) ** 2
     num_frames = len(labels)
@@ -373,6 +378,7 @@ def analyze_object(labels: np.ndarray, obj: ObjectSpec, distractors: Sequence[in
         "jerk": _jerk(centroids, scale, frame_size),
         "predicted_shape": Counter(shapes).most_common(1)[0][0],
         "predicted_motion": motion,
+        "colour_frames": colour_ok,
     }
 
 
@@ -433,12 +439,8 @@ def analyze_video(frames: np.ndarray, scene: SceneSpec) -> dict:
     ``travel`` when no object has a direction (still or bouncing) or none was tracked.
     """
     _check_video(frames)
+    labels, background, object_colours, objects = _analyze_objects(frames, scene)
     scale = min(frames.shape[1:3]) / REFERENCE_SIZE
-    background = palette_index(BACKGROUNDS[scene.background])
-    labels = classify_pixels(frames, background)
-    object_colours = [palette_index(COLOURS[obj.colour]) for obj in scene.objects]
-    distractors = [i for i in range(len(PALETTE)) if i != background and i not in object_colours]
-    objects = [analyze_object(labels, obj, distractors, scale) for obj in scene.objects]
     result = {
         name: float(np.mean([obj[name] for obj in objects]))
         for name in ("colour", "shape", "direction", "subject_consistency")
@@ -453,6 +455,36 @@ def analyze_video(frames: np.ndarray, scene: SceneSpec) -> dict:
         predicted_motion=[obj["predicted_motion"] for obj in objects],
     )
     return result
+
+
+def _analyze_objects(frames: np.ndarray, scene: SceneSpec) -> tuple[np.ndarray, int, list[int], list[dict]]:
+    """Pixel labels, the background's and objects' palette indices, and `analyze_object` per object."""
+    scale = min(frames.shape[1:3]) / REFERENCE_SIZE
+    background = palette_index(BACKGROUNDS[scene.background])
+    labels = classify_pixels(frames, background)
+    object_colours = [palette_index(COLOURS[obj.colour]) for obj in scene.objects]
+    distractors = [i for i in range(len(PALETTE)) if i != background and i not in object_colours]
+    return labels, background, object_colours, [analyze_object(labels, obj, distractors, scale) for obj in scene.objects]
+
+
+def frame_checks(frames: np.ndarray, scene: SceneSpec) -> dict[str, np.ndarray]:
+    """Per-frame tests of uint8 [T, H, W, 3] frames against a scene, each a [T] array:
+
+    - `objects`: every object passes the colour test (its blob is there, no absent colour has more pixels);
+    - `background`: the fraction of the picture in the named background colour;
+    - `unclassified`: the fraction of pixels near no palette or background colour;
+    - `artefact`: the background covers under half the picture, or over 8% of pixels are unclassified.
+    """
+    _check_video(frames)
+    labels, background, _, objects = _analyze_objects(frames, scene)
+    pixels = labels.reshape(len(labels), -1)
+    checks = {
+        "objects": np.all([obj["colour_frames"] for obj in objects], axis=0),
+        "background": (pixels == background).mean(1),
+        "unclassified": (pixels == UNCLASSIFIED).mean(1),
+    }
+    checks["artefact"] = (checks["background"] < ARTEFACT_MIN_BACKGROUND) | (checks["unclassified"] > ARTEFACT_MAX_UNCLASSIFIED)
+    return checks
 
 
 def _mean_present(values: Sequence[float | None]) -> float | None:

@@ -95,9 +95,10 @@ class KVCache:
         if self.keys[layer] is not None:
             key = torch.cat([self.keys[layer], key], dim=1)
             value = torch.cat([self.values[layer], value], dim=1)
-        keep = self._keep_tokens(key.shape[1] // self.tokens_per_frame)
+        keep = self.kept_frames(key.shape[1] // self.tokens_per_frame)
         if keep is not None:
-            key, value = key[:, keep], value[:, keep]
+            tokens = (keep[:, None] * self.tokens_per_frame + torch.arange(self.tokens_per_frame)).flatten()
+            key, value = key[:, tokens], value[:, tokens]
         self.keys[layer], self.values[layer] = key, value
 
     def rotated_keys(self, layer: int, rotation: torch.Tensor) -> torch.Tensor:
@@ -112,14 +113,12 @@ class KVCache:
             self._rotated[layer] = memo
         return memo[1]
 
-    def _keep_tokens(self, frames: int) -> torch.Tensor | None:
+    def kept_frames(self, frames: int) -> torch.Tensor | None:
+        """Which of `frames` consecutive frames the cache keeps (the sinks, then the latest
+        window), or None for all of them."""
         if self.window_frames is None or frames <= self.sink_frames + self.window_frames:
             return None
-        sink = torch.arange(self.sink_frames)
-        recent = torch.arange(frames - self.window_frames, frames)
-        keep_frames = torch.cat([sink, recent])
-        tokens = keep_frames[:, None] * self.tokens_per_frame + torch.arange(self.tokens_per_frame)
-        return tokens.flatten()
+        return torch.cat([torch.arange(self.sink_frames), torch.arange(frames - self.window_frames, frames)])
 
     def sync_prompt(self, text: torch.Tensor) -> None:
         """Drop cached cross-attention K/V when the prompt embedding changes."""
@@ -136,6 +135,37 @@ class KVCache:
         """Drop the cross-attention K/V so the next forward recomputes them (e.g. with gradient)."""
         self.cross = [None] * self.num_layers
         self.cross_text = None
+
+
+    @classmethod
+    def stacked(cls, caches: list["KVCache"]) -> "KVCache":
+        """One cache whose batch rows are the given caches (all holding the same number of frames)."""
+        first = caches[0]
+        merged = cls(first.num_layers, first.tokens_per_frame, first.sink_frames, first.window_frames)
+        for layer in range(first.num_layers):
+            if first.keys[layer] is not None:
+                merged.keys[layer] = torch.cat([c.keys[layer] for c in caches])
+                merged.values[layer] = torch.cat([c.values[layer] for c in caches])
+        # The prompts' cross-attention K/V carry over only if every cache has them; otherwise the
+        # merged cache recomputes them for all (sync_prompt sees no cross_text).
+        if all(c.cross_text is not None and all(x is not None for x in c.cross) for c in caches):
+            merged.cross_text = torch.cat([c.cross_text for c in caches])
+            merged.cross = [
+                (torch.cat([c.cross[layer][0] for c in caches]), torch.cat([c.cross[layer][1] for c in caches]))
+                for layer in range(first.num_layers)
+            ]
+        return merged
+
+    def take_row(self, merged: "KVCache", row: int) -> None:
+        """Become batch row `row` of a `stacked` cache (after the batch ran)."""
+        rows = slice(row, row + 1)
+        for layer in range(merged.num_layers):
+            if merged.keys[layer] is not None:  # None until a first block is committed
+                self.keys[layer] = merged.keys[layer][rows]
+                self.values[layer] = merged.values[layer][rows]
+            cross = merged.cross[layer]
+            self.cross[layer] = None if cross is None else (cross[0][rows], cross[1][rows])
+        self.cross_text = None if merged.cross_text is None else merged.cross_text[rows]
 
 
 @dataclass
