@@ -19,9 +19,11 @@ import copy
 import functools
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from causvid.data.shapes import clip_to_tensor, render_clip, scene_from_json
 from causvid.models.autoencoder import num_latent_frames
 from causvid.models.denoiser import WanDenoiser
 from causvid.rollout import CausalRollout
@@ -106,6 +108,9 @@ class DMDObjective(StudentObjective):
             batch's `switch_caption`) at a random block by the window's start; the window is then
             judged under the new prompt (LongLive). The cache is re-cached at the switch when the
             pipeline's `switch_recache` says so, as at inference.
+        image_probability: self-forcing only: the share of rollouts that start, as an image-to-video
+            stream does, from a first frame of the prompt's scene (rendered, encoded and committed
+            to the cache before the first block).
         sample_cases, sample_frames: the shapes-bench check run every `sample_every` steps.
     """
 
@@ -122,6 +127,7 @@ class DMDObjective(StudentObjective):
         num_frames: int = 21,
         rollout_blocks: int | None = None,
         switch_probability: float = 0.0,
+        image_probability: float = 0.0,
         sample_cases: int = 4,
         sample_frames: int = 33,
     ):
@@ -140,12 +146,14 @@ class DMDObjective(StudentObjective):
         self.rollout_blocks = window_blocks if rollout_blocks is None else rollout_blocks
         if self.rollout_blocks < window_blocks:
             raise ValueError(f"rollout_blocks ({self.rollout_blocks}) must cover the judged window ({window_blocks} blocks)")
-        if generator_input != "self_forcing" and (rollout_blocks is not None or switch_probability > 0):
-            raise ValueError("rollout_blocks and switch_probability need generator_input 'self_forcing'")
-        if not 0.0 <= switch_probability <= 1.0:
-            raise ValueError(f"switch_probability must be in [0, 1], got {switch_probability}")
+        if generator_input != "self_forcing" and (rollout_blocks is not None or switch_probability or image_probability):
+            raise ValueError("rollout_blocks, switch_probability and image_probability need generator_input 'self_forcing'")
+        for name, value in (("switch_probability", switch_probability), ("image_probability", image_probability)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         self.window_blocks = window_blocks
         self.switch_probability = switch_probability
+        self.image_probability = image_probability
         # None: the teacher's weights, i.e. DMD without ODE initialisation (an ablation).
         self.generator = self.load_student(generator_init)
         # The critic starts as the teacher (DMD2): a good video score, which then follows the generator.
@@ -202,6 +210,18 @@ class DMDObjective(StudentObjective):
         if start > 0 and float(torch.rand(1, generator=generator)) < self.switch_probability:
             switch = (int(torch.randint(1, start + 1, (1,), generator=generator)),
                       self.encode(batch["switch_caption"], device))
+        if self.image_probability and float(torch.rand(1, generator=generator)) < self.image_probability:
+            rollout.commit(self.first_frames(batch["scene"], generator).to(device), text)
         x = self_forcing_rollout(rollout, model, text, self.latent_frames, generator, start_block=start, switch=switch,
                                  recache=self.pipeline_config.switch_recache)
         return x, text if switch is None else switch[1]
+
+    @torch.no_grad()
+    def first_frames(self, scenes: list[str], generator: torch.Generator) -> torch.Tensor:
+        """Latents [B, C, 1, h, w] of a rendered first frame of each scene (JSON), for image-to-video rollouts."""
+        height, width = self.pipeline_config.height, self.pipeline_config.width
+        seeds = torch.randint(2**31, (len(scenes),), generator=generator).tolist()
+        frames = [render_clip(scene_from_json(scene), 1, height, width, np.random.default_rng(seed))
+                  for scene, seed in zip(scenes, seeds)]
+        video = torch.stack([clip_to_tensor(frame) for frame in frames])
+        return self.autoencoder.encode(video.to(next(self.autoencoder.parameters()).device))

@@ -21,8 +21,8 @@ from distill.ode_pairs import OdePairs, switch_prompt, training_prompt
 
 
 class TrainingPrompts(torch.utils.data.Dataset):
-    """Captions only (item i: `training_prompt(seed, i)`), for generators that start from noise,
-    each with the caption a prompt switch would go to (`switch_prompt`)."""
+    """Captions (item i: `training_prompt(seed, i)`), for generators that start from noise, each
+    with its scene (JSON) and the caption a prompt switch would go to (`switch_prompt`)."""
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -31,7 +31,8 @@ class TrainingPrompts(torch.utils.data.Dataset):
         return 10**9
 
     def __getitem__(self, index: int) -> dict:
-        return {"caption": training_prompt(self.seed, index)[0], "switch_caption": switch_prompt(self.seed, index)}
+        caption, scene = training_prompt(self.seed, index)
+        return {"caption": caption, "scene": scene, "switch_caption": switch_prompt(self.seed, index)}
 
 
 def build_dataset(data: dict) -> torch.utils.data.Dataset:

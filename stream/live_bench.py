@@ -45,7 +45,7 @@ I2V_SCENES = (
     SceneSpec("white", (ObjectSpec("square", "green", "large", "right"),)),
     SceneSpec("black", (ObjectSpec("circle", "orange", "large", "up"),)),
 )
-HOLD_SHARE = 0.9  # a new scene holds from the first frame after which this share of its segment passes
+HOLD_SHARE = 0.9  # a new scene holds from the first passing frame after which this share of its segment passes
 
 
 def switch_chain(start: SceneSpec, changes: Sequence[tuple[str, str]] = SWITCH_CHAIN) -> list[SceneSpec]:
@@ -73,13 +73,13 @@ def segment_scores(frames: np.ndarray, scene: SceneSpec, segment_frames: int) ->
 
 
 def hold_frame(frames: np.ndarray, scene: SceneSpec) -> int | None:
-    """The first frame from which the scene holds: `HOLD_SHARE` of the frames from there on show
-    its objects' colours and its background, without artefacts. None if it never does."""
+    """The first frame from which the scene holds: it and `HOLD_SHARE` of the frames from there on
+    show the scene's objects' colours and its background, without artefacts. None if it never does."""
     checks = frame_checks(frames, scene)
     good = checks["objects"] & ~checks["artefact"] & (checks["background"] >= 0.5)
     # Share of good frames in each suffix, longest first.
     suffix_share = np.cumsum(good[::-1])[::-1] / np.arange(len(good), 0, -1)
-    holding = np.flatnonzero(suffix_share >= HOLD_SHARE)
+    holding = np.flatnonzero(good & (suffix_share >= HOLD_SHARE))
     return int(holding[0]) if len(holding) else None
 
 
@@ -136,10 +136,10 @@ async def _run(pipe: CausVidPipeline, seconds: float, switch_seconds: float, i2v
         scenes = switch_chain(LONG_SCENES[0])
         prompts = [canonical_caption(scene) for scene in scenes]
         per_prompt = round(switch_seconds * fps)
+        allowance = 2 * 4 * k  # two blocks of pixel frames: the time a switch may take to hold
         frames, blocks, dropped = await _record(url, prompts[0], per_prompt, seed, prompts[1:], recache=recache,
                                                 block_frames=k)
         keep(frames, "switch chain, a frame every half prompt", per_prompt // 2)
-        allowance = 2 * 4 * k  # two blocks of pixel frames
         firsts = [block_first_frame(block, k) for block in blocks] + [len(frames)]
         chain = []
         for i, (scene, first, end) in enumerate(zip(scenes[1:], firsts, firsts[1:]), start=1):
@@ -205,6 +205,10 @@ def run_live_bench(checkpoint: str | Path | None = None, device: str | None = No
     if segment_seconds > min(seconds, i2v_seconds):
         raise ValueError(f"segment_seconds ({segment_seconds}) must fit in the streams ({min(seconds, i2v_seconds)} s)")
     pipe = load_pipeline(checkpoint, device)
+    fps, k = pipe.config.fps, pipe.config.block_frames
+    if round(switch_seconds * fps) < 2 * 4 * k + fps:
+        raise ValueError(f"switch_seconds must give each prompt two blocks and a second more "
+                         f"({(2 * 4 * k + fps) / fps:g} s), got {switch_seconds}")
     record = {
         "bench": "live",
         "checkpoint": str(checkpoint or "shipped"),

@@ -230,3 +230,68 @@ def test_a_switch_in_a_rollout_follows_the_inference_switch(tiny_denoiser, text_
     assert not torch.allclose(windows[False], windows[True])  # the re-cache changes what follows
     with pytest.raises(ValueError, match="by the window's start"):
         self_forcing_rollout(rollout, tiny_denoiser, red, 4, torch.Generator(), start_block=1, switch=(2, blue))
+
+
+def test_long_rollouts_with_switches_judge_a_window_under_the_prompt_it_was_made_with(tiny_checkpoint, tmp_path):
+    from causvid.train import TrainConfig, build_objective
+    from distill.dmd import DMDObjective
+
+    objectives = {"dmd": DMDObjective}
+    config = TrainConfig.from_yaml(_run_config(tmp_path, "long", tiny_checkpoint, {"type": "prompts", "seed": 1},
+                                               generator_input="self_forcing", num_frames=13, rollout_blocks=6,
+                                               switch_probability=1.0))
+    objective = build_objective(config, objectives)
+    assert objective.window_blocks == 2  # 13 frames: 4 latent frames, blocks of 2
+    item = objective.dataset()[0]
+    batch = {"caption": [item["caption"]] * 2, "switch_caption": [item["switch_caption"]] * 2}
+    old, new = objective.encode(batch["caption"], "cpu"), objective.encode(batch["switch_caption"], "cpu")
+    starts, switched = [], 0
+    for seed in range(12):
+        rng = torch.Generator().manual_seed(seed)
+        state = rng.get_state()
+        start = int(torch.randint(5, (1,), generator=rng))  # the objective's first draw: the window's block
+        rng.set_state(state)
+        with torch.no_grad():
+            x, text = objective.generate(objective.generator, batch, old, rng, "cpu")
+        assert x.shape[2] == 4  # the window's two blocks
+        # From block 1 on a switch is always drawn (probability 1), and the window is judged under it.
+        assert torch.equal(text, new if start > 0 else old)
+        starts.append(start)
+        switched += start > 0
+    assert len(set(starts)) >= 3 and 0 < switched < 12
+    with pytest.raises(ValueError, match="cover the judged window"):
+        build_objective(TrainConfig.from_yaml(_run_config(
+            tmp_path, "short", tiny_checkpoint, {"type": "prompts"}, generator_input="self_forcing", num_frames=13,
+            rollout_blocks=1)), objectives)
+
+
+def test_long_switching_dmd_trains_and_resumes_exactly(tiny_checkpoint, tmp_path):
+    args = dict(generator_input="self_forcing", num_frames=13, rollout_blocks=4, switch_probability=0.5)
+    straight = _run_config(tmp_path, "straight", tiny_checkpoint, {"type": "prompts", "seed": 1}, **args)
+    split = _run_config(tmp_path, "split", tiny_checkpoint, {"type": "prompts", "seed": 1}, **args)
+    assert main(["distill", "dmd", "--config", str(straight)]) == 0
+    assert main(["distill", "dmd", "--config", str(split), "--max-steps", "2"]) == 0
+    assert main(["distill", "dmd", "--config", str(split), "--resume"]) == 0
+    assert _metrics(tmp_path / "straight") == _metrics(tmp_path / "split")
+
+
+def test_image_to_video_rollouts_start_from_the_prompts_scene(tiny_checkpoint, tmp_path, monkeypatch):
+    from causvid.train import TrainConfig, build_objective
+    from distill.dmd import DMDObjective
+
+    config = TrainConfig.from_yaml(_run_config(tmp_path, "i2v", tiny_checkpoint, {"type": "prompts", "seed": 1},
+                                               generator_input="self_forcing", num_frames=13, image_probability=1.0))
+    objective = build_objective(config, {"dmd": DMDObjective})
+    item = objective.dataset()[3]
+    batch = {"caption": [item["caption"]] * 2, "scene": [item["scene"]] * 2, "switch_caption": [item["switch_caption"]] * 2}
+    commits = []
+    original = CausalRollout.commit
+    monkeypatch.setattr(CausalRollout, "commit", lambda self, clean, text: (commits.append(clean), original(self, clean, text)))
+    with torch.no_grad():
+        x, _ = objective.generate(objective.generator, batch, objective.encode(batch["caption"], "cpu"),
+                                  torch.Generator().manual_seed(0), "cpu")
+    assert x.shape[2] == 4 and [c.shape[2] for c in commits] == [1, 2, 2]  # the image, then the window's blocks
+    # The first commit is the encoded first frame of the caption's scene.
+    rng = torch.Generator().manual_seed(0)
+    torch.randint(1, (1,), generator=rng), torch.rand(1, generator=rng)  # the window's block, the image draw
+    torch.testing.assert_close(commits[0], objective.first_frames(batch["scene"], rng))
