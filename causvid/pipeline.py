@@ -51,7 +51,10 @@ class PipelineConfig:
     negative_prompt: str = ""
     sink_frames: int = 1  # rolling cache for unbounded streams: frames kept forever...
     window_frames: int = 12  # ...plus this many most recent latent frames
-    switch_recache: bool = True  # on a prompt switch, recompute the cached frames' K/V under the new prompt
+    # On a prompt switch, recompute the cached frames' K/V under the new prompt (LongLive's re-cache).
+    # Off unless the student was distilled with it: the shipped student, which was not, holds fewer
+    # switches with it (docs/experiments.md). The presets turn it on for the students they distil.
+    switch_recache: bool = False
     text_encoder: dict = field(default_factory=lambda: {"type": "minilm", "max_length": 32})
 
     @classmethod

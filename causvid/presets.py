@@ -27,7 +27,8 @@ PRESETS: dict[str, dict] = {
             base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
             latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
         ),
-        "pipeline": dict(height=32, width=32, block_frames=2, teacher_steps=4, sink_frames=1, window_frames=4),
+        "pipeline": dict(height=32, width=32, block_frames=2, teacher_steps=4, sink_frames=1, window_frames=4,
+                         switch_recache=True),
     },
     # The embedded default: 64x64 pixels, 4x spatial autoencoder, 8x8 tokens per latent frame.
     "shapes": {
@@ -39,7 +40,8 @@ PRESETS: dict[str, dict] = {
             base_dim=16, z_dim=8, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[True, True],
             latents_mean=[0.0] * 8, latents_std=[1.0] * 8,
         ),
-        "pipeline": dict(height=64, width=64, block_frames=3, shift=3.0, sink_frames=1, window_frames=12),
+        "pipeline": dict(height=64, width=64, block_frames=3, shift=3.0, sink_frames=1, window_frames=12,
+                         switch_recache=True),
     },
 }
 

@@ -41,6 +41,30 @@ def test_prompt_switch_changes_the_next_block_only(tiny_pipeline):
     assert torch.equal(switched.rollout.cache.cross_text, tiny_pipeline.encode_prompt("a blue square bouncing on gray"))
 
 
+def test_a_switch_recaches_the_kv_cache_by_default_and_on_request_only(tiny_pipeline):
+    request = StartRequest("t2v", "a red circle moving right", seed=3)
+    old, new = "a red circle moving right", "a blue square bouncing on gray"
+    blocks, events = {}, {}
+    for recache in (None, True, False):
+        generator = BlockGenerator(tiny_pipeline, request)
+        _blocks(generator, 2)
+        with torch.inference_mode():
+            generator.switch_prompt(new, interpolate_blocks=0, recache=recache)
+            clean, parts = _block(generator, generator.plan())
+        blocks[recache] = clean
+        events[recache] = dict(e for part in parts for e in part.events)["prompt"]["recache"]
+    assert tiny_pipeline.config.switch_recache and events == {None: True, True: True, False: False}  # the preset's
+    assert torch.equal(blocks[None], blocks[True])
+    assert (blocks[True] - blocks[False]).abs().max() > 1e-5  # the old K/V still count without it
+    # The same stream made with the rollout alone: two blocks, a re-cache under the new prompt, a block.
+    with torch.inference_mode():
+        rollout = tiny_pipeline.new_rollout(3)
+        for _ in range(2):
+            rollout.next_block(tiny_pipeline.encode_prompt(old))
+        rollout.recache(tiny_pipeline.encode_prompt(new))
+        torch.testing.assert_close(rollout.next_block(tiny_pipeline.encode_prompt(new)), blocks[True])
+
+
 def test_prompt_interpolation_blends_embeddings_over_blocks(tiny_pipeline):
     generator = BlockGenerator(tiny_pipeline, StartRequest("t2v", "a red circle", seed=0))
     old, new = generator.text, tiny_pipeline.encode_prompt("a green triangle")
@@ -189,3 +213,17 @@ def test_pacer_keeps_real_time_and_never_bursts_after_falling_behind():
     fast = Pacer(fps=10, realtime=False)
     fast.on_block(0, now=100.0)
     assert fast.slot(50) == 0.0 and fast.wants_block(50, 0.5, now=100.0)
+
+
+def test_pipelines_written_before_the_recache_option_keep_the_cache_on_a_switch(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    from causvid.pipeline import load_pipeline
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_checkpoint, old)
+    index = json.loads((old / "model_index.json").read_text())
+    assert index.pop("switch_recache") is True  # the tiny preset distils with re-caching
+    (old / "model_index.json").write_text(json.dumps(index))
+    assert load_pipeline(old, "cpu", torch.float32).config.switch_recache is False
