@@ -80,11 +80,11 @@ def training_prompt(seed: int, index: int) -> tuple[str, str]:
     return random_caption(scene, rng), scene_to_json(scene)
 
 
-def switch_prompt(seed: int, index: int) -> str:
-    """A caption for prompt `index` after a scene switch: its scene with one attribute changed."""
+def switch_prompt(seed: int, index: int, scene: str) -> str:
+    """A caption for prompt `index` (whose scene JSON is `scene`) after a scene switch: the scene
+    with one attribute changed."""
     rng = np.random.default_rng([seed, index, 1])
-    scene = scene_from_json(training_prompt(seed, index)[1])
-    return random_caption(switched_scene(scene, str(rng.choice(SWITCH_ATTRIBUTES)), rng), rng)
+    return random_caption(switched_scene(scene_from_json(scene), str(rng.choice(SWITCH_ATTRIBUTES)), rng), rng)
 
 
 def pair_noise(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:

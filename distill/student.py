@@ -32,7 +32,7 @@ class TrainingPrompts(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         caption, scene = training_prompt(self.seed, index)
-        return {"caption": caption, "scene": scene, "switch_caption": switch_prompt(self.seed, index)}
+        return {"caption": caption, "scene": scene, "switch_caption": switch_prompt(self.seed, index, scene)}
 
 
 def build_dataset(data: dict) -> torch.utils.data.Dataset:

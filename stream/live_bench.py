@@ -68,7 +68,7 @@ def segment_scores(frames: np.ndarray, scene: SceneSpec, segment_frames: int) ->
         part = frames[start : start + segment_frames]
         metrics = analyze_video(part, scene)
         segments.append({"start_frame": start, **{name: metrics[name] for name in SCORES},
-                         "artefact_frames": int(frame_checks(part, scene)["artefact"].sum())})
+                         "artefact_frames": metrics["artefact_frames"]})
     return segments
 
 

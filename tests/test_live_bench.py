@@ -45,6 +45,7 @@ def test_ground_truth_streams_score_full_marks_and_no_artefacts():
     noisy[100:110] = np.random.default_rng(1).integers(0, 256, noisy[100:110].shape, dtype=np.uint8)
     artefact = frame_checks(noisy, scene)["artefact"]
     assert artefact[100:110].all() and artefact.sum() == 10
+    assert segment_scores(noisy, scene, 160)[0]["artefact_frames"] == 10  # what the bench counts
 
 
 def test_a_ground_truth_switch_holds_at_once_and_the_old_scene_never_does():

@@ -149,6 +149,7 @@ def test_bad_messages_get_error_events_and_everyone_keeps_being_served(tiny_pipe
         (json.dumps({"type": "start", "prompt": "x", "mode": "i2v", "image": "%%%"}), "bad_image"),
         (json.dumps({"type": "start", "prompt": "x", "mode": "i2v", "image": garbage}), "bad_image"),
         (json.dumps({"type": "start", "prompt": "x", "mode": "i2v", "image": huge}), "bad_image"),
+        (json.dumps({"type": "prompt", "prompt": "x", "recache": "yes"}), "bad_message"),
         (json.dumps({"type": "prompt", "prompt": "x"}), "not_started"),
         ("x" * (70 * 1024), "too_large"),
         (b"\xff\xd8 binary without a v2v stream", "wrong_mode"),

@@ -437,6 +437,7 @@ def analyze_video(frames: np.ndarray, scene: SceneSpec) -> dict:
     Object metrics are averaged over the scene's objects. Higher is better except
     for ``mawe``, ``jerk`` and ``flicker``. ``jerk`` is None when no object was tracked, and
     ``travel`` when no object has a direction (still or bouncing) or none was tracked.
+    ``artefact_frames`` counts the frames `frame_checks` calls artefacts.
     """
     _check_video(frames)
     labels, background, object_colours, objects = _analyze_objects(frames, scene)
@@ -451,6 +452,7 @@ def analyze_video(frames: np.ndarray, scene: SceneSpec) -> dict:
         travel=_mean_present([obj["travel"] for obj in objects]),
         jerk=_mean_present([obj["jerk"] for obj in objects]),
         flicker=flicker(frames, labels, background),
+        artefact_frames=int(_frame_checks(labels, background, objects)["artefact"].sum()),
         predicted_shape=[obj["predicted_shape"] for obj in objects],
         predicted_motion=[obj["predicted_motion"] for obj in objects],
     )
@@ -477,6 +479,10 @@ def frame_checks(frames: np.ndarray, scene: SceneSpec) -> dict[str, np.ndarray]:
     """
     _check_video(frames)
     labels, background, _, objects = _analyze_objects(frames, scene)
+    return _frame_checks(labels, background, objects)
+
+
+def _frame_checks(labels: np.ndarray, background: int, objects: list[dict]) -> dict[str, np.ndarray]:
     pixels = labels.reshape(len(labels), -1)
     checks = {
         "objects": np.all([obj["colour_frames"] for obj in objects], axis=0),

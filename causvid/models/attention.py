@@ -136,7 +136,6 @@ class KVCache:
         self.cross = [None] * self.num_layers
         self.cross_text = None
 
-
     @classmethod
     def stacked(cls, caches: list["KVCache"]) -> "KVCache":
         """One cache whose batch rows are the given caches (all holding the same number of frames)."""
