@@ -108,25 +108,42 @@ def _train(args: argparse.Namespace) -> None:
     run_training(args, args.objective, OBJECTIVES)
 
 
-def _convert(args: argparse.Namespace) -> None:
+def convert_checkpoint(source: Path, destination: Path, dtype_name: str) -> None:
+    """Re-save a pipeline (or single model) directory in another dtype, e.g. bf16 for shipping."""
     import torch
 
     from causvid.checkpoint import CheckpointError, load_diffusers_model, read_json, save_diffusers_model
     from causvid.pipeline import load_pipeline
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    if (args.source / "model_index.json").exists():
-        load_pipeline(args.source, "cpu", torch.float32).save_pretrained(args.destination, dtype)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    if (source / "model_index.json").exists():
+        load_pipeline(source, "cpu", torch.float32).save_pretrained(destination, dtype)
     else:
-        # A single model directory (e.g. a trained autoencoder's export).
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
         classes = {cls.__name__: cls for cls in (AutoencoderKLWan, WanTransformer3DModel)}
-        name = read_json(args.source / "config.json").get("_class_name")
+        name = read_json(source / "config.json").get("_class_name")
         if name not in classes:
-            raise CheckpointError(f"{args.source / 'config.json'}: cannot convert a {name!r}")
-        save_diffusers_model(load_diffusers_model(classes[name], args.source).to(dtype), args.destination)
-    print(f"wrote {args.destination} ({args.dtype})")
+            raise CheckpointError(f"{source / 'config.json'}: cannot convert a {name!r}")
+        save_diffusers_model(load_diffusers_model(classes[name], source).to(dtype), destination)
+    print(f"wrote {destination} ({dtype_name})")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    convert_checkpoint(args.source, args.destination, args.dtype)
+
+
+def _recipe(args: argparse.Namespace) -> None:
+    from causvid.recipe import load_config_file, run_recipe
+
+    flags = []
+    if args.threads:
+        flags += ["--threads", str(args.threads)]
+    if args.max_minutes:
+        flags += ["--max-minutes", str(args.max_minutes)]
+    run_recipe(args.config, args.configs, flags, args.dry_run)
+    if args.to is not None and not args.dry_run:
+        convert_checkpoint(Path(load_config_file(args.config)["out_dir"]) / "export", args.to, args.dtype)
 
 
 def register(subparsers) -> None:
@@ -136,6 +153,17 @@ def register(subparsers) -> None:
     convert.add_argument("destination", type=Path)
     convert.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     convert.set_defaults(func=_convert)
+
+    recipe = subparsers.add_parser("recipe", help="rebuild an artifact: run a config after every run it reads from")
+    recipe.add_argument("config", type=Path, help="the recipe's last step, e.g. configs/shapes/22_dmd.yaml")
+    recipe.add_argument("--configs", type=Path, default=Path("configs"), help="where the steps' configs are found")
+    recipe.add_argument("--dry-run", action="store_true", help="list the steps and whether each has finished")
+    recipe.add_argument("--threads", type=int, default=None, help="torch CPU threads for every training step")
+    recipe.add_argument("--max-minutes", type=float, default=None,
+                        help="stop each training step after this long (rerun the recipe to resume)")
+    recipe.add_argument("--to", type=Path, default=None, help="save the last step's export here, e.g. checkpoints/shapes")
+    recipe.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of --to")
+    recipe.set_defaults(func=_recipe)
 
     train = subparsers.add_parser("train", help="train the autoencoder or the bidirectional teacher")
     train.add_argument("objective", choices=["autoencoder", "teacher"])

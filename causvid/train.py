@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 
 from causvid.checkpoint import CheckpointError, atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from causvid.errors import UserError
+from causvid.recipe import load_config_file
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -64,14 +65,10 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: config not found")
-        data = yaml.safe_load(path.read_text()) or {}
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+        data = load_config_file(path)
+        unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+            raise UserError(f"{path}: unknown config keys {sorted(unknown)}")
         data.update({k: v for k, v in overrides.items() if v is not None})
         if "betas" in data:
             data["betas"] = tuple(data["betas"])
@@ -120,11 +117,11 @@ class Objective:
 def build_objective(config: TrainConfig, objectives: dict[str, type[Objective]]) -> Objective:
     """The objective a config names, built with its `objective_args`."""
     if config.objective not in objectives:
-        raise ValueError(f"unknown objective {config.objective!r} (expected one of {', '.join(objectives)})")
+        raise UserError(f"unknown objective {config.objective!r} (expected one of {', '.join(objectives)})")
     try:
         return objectives[config.objective](config, **config.objective_args)
     except TypeError as error:
-        raise ValueError(f"bad objective_args for {config.objective}: {error}") from None
+        raise UserError(f"bad objective_args for {config.objective}: {error}") from None
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -320,7 +317,7 @@ def train(config: TrainConfig, objective: Objective) -> int:
     # On the accelerator's device before the optimisers and EMAs are built, so their state lives there too.
     modules = {name: module.to(accelerator.device) for name, module in objective.trainable().items()}
     if missing := sorted(set(modules) - set(config.lr)):
-        raise ValueError(f"config lr has no entry for {missing}; this objective trains {sorted(modules)}")
+        raise UserError(f"config lr has no entry for {missing}; this objective trains {sorted(modules)}")
     objective.place(accelerator.device)
     optimizers = {
         name: torch.optim.AdamW(

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from safetensors import safe_open
 
 from causvid.checkpoint import atomic_save_tensors, atomic_write_json, read_json
+from causvid.errors import UserError
 from causvid.data.shapes import (
     SWITCH_ATTRIBUTES,
     random_caption,
@@ -33,6 +33,7 @@ from causvid.data.shapes import (
 )
 from causvid.models.autoencoder import num_latent_frames
 from causvid.pipeline import CausVidPipeline
+from causvid.recipe import load_config_file
 from causvid.samplers import VelocityFn, guided_velocity, sample_euler
 from causvid.schedule import teacher_sigmas
 
@@ -43,6 +44,7 @@ MANIFEST = "manifest.json"
 class OdePairsConfig:
     """One trajectory-generation run. `None` fields take the teacher pipeline's value."""
 
+    objective: str = "ode_pairs"  # names the step, as a training config's objective does
     teacher: str | None = None  # pipeline directory holding teacher/ (or transformer/)
     out: str | None = None
     num: int = 2048  # trajectories
@@ -55,15 +57,12 @@ class OdePairsConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, **overrides) -> "OdePairsConfig":
-        data = {}
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: config not found")
-            data = yaml.safe_load(path.read_text()) or {}
-            unknown = set(data) - {f.name for f in fields(cls)}
-            if unknown:
-                raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        data = {} if path is None else load_config_file(path)
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UserError(f"{path}: unknown config keys {sorted(unknown)}")
+        if data.get("objective", "ode_pairs") != "ode_pairs":
+            raise UserError(f"{path} is a {data['objective']!r} config, not 'ode_pairs'")
         data.update({k: v for k, v in overrides.items() if v is not None})
         config = cls(**data)
         if config.teacher is None or config.out is None:
@@ -131,7 +130,7 @@ def shard_indices(config: OdePairsConfig, shard: int) -> list[int]:
 
 def _manifest(config: OdePairsConfig, pipe: CausVidPipeline, latent_shape, grid, levels) -> dict:
     return {
-        **{k: v for k, v in asdict(config).items() if k not in ("out", "batch")},
+        **{k: v for k, v in asdict(config).items() if k not in ("objective", "out", "batch")},
         "steps": len(grid) - 1,
         "guidance_scale": config.guidance_scale if config.guidance_scale is not None else pipe.config.guidance_scale,
         "negative_prompt": pipe.config.negative_prompt,
