@@ -95,26 +95,6 @@ def latent_object_mask(video: torch.Tensor, spatial_factor: int) -> torch.Tensor
     return dilate(cells, 1)[:, 0] > 0
 
 
-def object_cell_scale(object_mask: torch.Tensor) -> torch.Tensor:
-    """Float [B, F, 1, 1]: per latent frame, the batch's mean object cell count over the frame's own.
-
-    Scaling an object weight by it gives every frame's objects the same total weight, so a small
-    object (under half a large one's cells) is not worth under half as much to get right.
-    """
-    cells = object_mask.flatten(2).sum(2).float()
-    mean = cells[cells > 0].mean() if (cells > 0).any() else cells.new_tensor(1.0)
-    return (mean / cells.clamp(min=1))[..., None, None]
-
-
-def motion_cells(object_mask: torch.Tensor) -> torch.Tensor:
-    """Bool [B, F, H, W]: the cells an object enters or leaves since the previous latent frame.
-
-    These are the few cells where a clip's direction of motion shows; the first frame has none.
-    """
-    changed = object_mask[:, 1:] ^ object_mask[:, :-1]
-    return torch.cat([torch.zeros_like(object_mask[:, :1]), changed], dim=1)
-
-
 class AutoencoderObjective(Objective):
     """Reconstruction (object-weighted L1 + MSE) plus a small KL term, on the posterior mode.
 
@@ -308,52 +288,26 @@ class TeacherObjective(Objective):
     `object_weight` > 0 weights the latent cells that hold an object by 1 + object_weight, as
     the autoencoder's loss does with pixels: objects are a few cells of a mostly flat frame.
     Objects are found against a flat background (`object_pixels`), so this suits the shapes
-    world, not footage; 0 (the default) is the plain loss. `equal_object_weight` scales it per
-    latent frame by `object_cell_scale`, so small objects weigh as much in all as large ones.
-    `motion_weight` adds weight to the cells an object enters or leaves (`motion_cells`), where
-    the direction word pays off.
-    `sigma_shift` samples training noise levels through its own shift instead of the sampler's
-    (1.0: uniform), to spend more steps at the low levels where an object's outline is drawn.
-    `coordinates` makes the teacher read each latent cell's position (`WanDenoiser.with_coordinates`);
-    a warm start that lacks them gains them without changing its outputs.
-    `transformer` replaces entries of the preset's transformer config, e.g. the same width split
-    into more, narrower heads; on a warm start they must keep the shapes of its weights, except
-    a larger `num_layers`, which grows the warm start by block expansion (`WanDenoiser.deepened`);
-    `train_new_blocks_only` then trains the new blocks alone.
+    world, not footage; 0 (the default) is the plain loss. Training noise levels follow the
+    sampler's shifted schedule, where it spends its steps.
     """
 
     def __init__(self, config, autoencoder: str, preset_name: str = "shapes", caption_dropout: float = 0.1,
                  bank_size: int = 4096, sample_steps: int = 50, sample_prompts: list[str] | None = None,
-                 init_from: str | None = None, object_weight: float = 0.0, motion_weight: float = 0.0,
-                 sigma_shift: float | None = None, coordinates: bool = False, transformer: dict | None = None,
-                 train_new_blocks_only: bool = False, equal_object_weight: bool = False):
+                 init_from: str | None = None, object_weight: float = 0.0):
         self.config = config
         self.preset_name = preset_name
         self.pipeline_config = PipelineConfig(**preset(preset_name)["pipeline"])
         self.autoencoder = VideoAutoencoder.from_pretrained(autoencoder).eval().requires_grad_(False)
         self.text_encoder = load_text_encoder(self.pipeline_config.text_encoder)
         self.text_encoder.cache_size = 4096
-        block_frames, overrides = self.pipeline_config.block_frames, transformer or {}
-        grown = False
+        block_frames = self.pipeline_config.block_frames
         if init_from is not None:  # continue from a trained pipeline's teacher (e.g. the shipped one)
-            num_layers = overrides.get("num_layers")
-            shaped = {key: value for key, value in overrides.items() if key != "num_layers"}
-            self.denoiser = WanDenoiser.from_pretrained(Path(init_from) / "teacher", block_frames, **shaped).float()
-            grown = num_layers is not None and num_layers != self.denoiser.config.num_layers
-            if grown:
-                self.denoiser = self.denoiser.deepened(num_layers, train_new_blocks_only)
-            self.denoiser.train()
+            self.denoiser = WanDenoiser.from_pretrained(Path(init_from) / "teacher", block_frames).float().train()
         else:
-            self.denoiser = WanDenoiser(build_transformer(preset_name, config.seed, **overrides), block_frames).train()
-        if train_new_blocks_only and not grown:
-            raise ValueError("train_new_blocks_only needs a warm start (init_from) grown by transformer.num_layers")
-        if coordinates and not self.denoiser.reads_coordinates:
-            self.denoiser = self.denoiser.with_coordinates().train()
+            self.denoiser = WanDenoiser(build_transformer(preset_name, config.seed), block_frames).train()
         self.caption_dropout = caption_dropout
         self.object_weight = object_weight
-        self.equal_object_weight = equal_object_weight
-        self.motion_weight = motion_weight
-        self.sigma_shift = self.pipeline_config.shift if sigma_shift is None else sigma_shift
         self.bank_size = bank_size
         self.sample_steps = sample_steps
         self.sample_prompts = sample_prompts or [
@@ -383,12 +337,9 @@ class TeacherObjective(Objective):
         captions = [self.pipeline_config.negative_prompt if d else c for d, c in zip(drop.tolist(), batch["caption"])]
         text = self.text_encoder.encode(captions)
         noise = randn_like(x0, generator)
-        # By default levels follow the sampler's shifted schedule, where it spends its steps.
-        sigma = shift_sigma(torch.rand(batch_size, generator=generator), self.sigma_shift).to(x0.device)
+        sigma = shift_sigma(torch.rand(batch_size, generator=generator), self.pipeline_config.shift).to(x0.device)
         velocity = models["teacher"](add_noise(x0, noise, sigma), sigma, text)
-        mask = batch["object_mask"]
-        objects = mask.float() * object_cell_scale(mask) if self.equal_object_weight else mask.float()
-        weights = (1 + self.object_weight * objects + self.motion_weight * motion_cells(mask).float())[:, None]
+        weights = (1 + self.object_weight * batch["object_mask"].float())[:, None]
         error = (velocity.float() - velocity_target(x0, noise)).square()
         loss = (error * weights).mean() / weights.mean()
         return {"teacher": (loss, {})}

@@ -14,8 +14,6 @@ is replaced atomically, so a kill at any moment leaves the previous checkpoint i
 from __future__ import annotations
 
 import csv
-import json
-import math
 import shutil
 import signal
 import sys

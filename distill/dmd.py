@@ -5,7 +5,7 @@ along the difference of two score estimates at a random noise level: the frozen 
 classifier-free guidance (real) and a critic's that tracks the generator's own distribution
 (fake). "Asymmetric": the generator is the block-causal student, the real score the
 bidirectional teacher, which sees the whole clip and so judges temporal coherence better than a
-causal one would (CausVid's ablations; the causal variant is kept as one here).
+causal one would (CausVid's ablations).
 
 `DMD` owns the real score and the loss settings; the generator and the critic are passed in,
 as the training loop wrapped them. `DMDObjective` wires it to `causvid.train.train`, with two
@@ -16,8 +16,6 @@ one causal forward) or Self-Forcing's (its own autoregressive rollout, `distill.
 from __future__ import annotations
 
 import copy
-import functools
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -48,21 +46,15 @@ class DMD:
         guidance_scale: float,
         shift: float = 1.0,
         sigma_range: tuple[float, float] = (0.02, 0.98),
-        causal_scores: bool = False,
     ):
         self.real_score = real_score
         self.guidance_scale = guidance_scale
         self.shift = shift
         self.sigma_range = sigma_range
-        self.causal_scores = causal_scores
 
     def sample_sigma(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """Noise levels [B]: uniform, through the teacher's timestep shift, clipped to `sigma_range` (as CausVid)."""
         return shift_sigma(torch.rand(batch, generator=generator), self.shift).clamp(*self.sigma_range)
-
-    def _score(self, model) -> Callable[..., torch.Tensor]:
-        """model(x, sigma, text) in the scores' attention mode: bidirectional, or causal (ablation)."""
-        return functools.partial(model, causal=self.causal_scores)
 
     def generator_loss(
         self, x: torch.Tensor, fake_score, text: torch.Tensor, null_text: torch.Tensor, generator: torch.Generator
@@ -71,9 +63,9 @@ class DMD:
         sigma = self.sample_sigma(x.shape[0], generator).to(x.device)
         with torch.no_grad():
             x_t = add_noise(x.detach(), randn_like(x, generator), sigma)
-            real = guided_velocity(self._score(self.real_score), text, null_text, self.guidance_scale)(x_t, sigma)
+            real = guided_velocity(self.real_score, text, null_text, self.guidance_scale)(x_t, sigma)
             real_x0 = x0_from_velocity(x_t, real, sigma)
-            fake_x0 = x0_from_velocity(x_t, self._score(fake_score)(x_t, sigma, text), sigma)
+            fake_x0 = x0_from_velocity(x_t, fake_score(x_t, sigma, text), sigma)
             grad = dmd_gradient(x.detach(), real_x0, fake_x0)
         loss = 0.5 * F.mse_loss(x.float(), (x.detach() - grad).float())
         return loss, {"dmd_grad_abs": grad.abs().mean().item()}
@@ -85,7 +77,7 @@ class DMD:
         x = x.detach()
         sigma = self.sample_sigma(x.shape[0], generator).to(x.device)
         noise = randn_like(x, generator)
-        velocity = self._score(fake_score)(add_noise(x, noise, sigma), sigma, text)
+        velocity = fake_score(add_noise(x, noise, sigma), sigma, text)
         return F.mse_loss(velocity.float(), velocity_target(x, noise).float()), {}
 
 
@@ -99,7 +91,6 @@ class DMDObjective(StudentObjective):
         generator_input: "causvid" (needs data {type: ode_pairs}) or "self_forcing" (data {type: prompts}).
         guidance_scale: the real score's CFG scale (default: the pipeline's).
         sigma_range: the range DMD and critic noise levels are clipped to.
-        causal_teacher: run the real and fake scores under the block-causal mask (ablation).
         num_frames: pixel frames of the window the scores judge (1 + 4k, whole blocks): the teacher's length.
         rollout_blocks: self-forcing only: how many blocks a rollout may run; the judged window
             starts at a random block, so rollouts past the teacher's horizon train the stream's
@@ -123,7 +114,6 @@ class DMDObjective(StudentObjective):
         generator_every: int = 5,
         guidance_scale: float | None = None,
         sigma_range: tuple[float, float] = (0.02, 0.98),
-        causal_teacher: bool = False,
         num_frames: int = 21,
         rollout_blocks: int | None = None,
         switch_probability: float = 0.0,
@@ -158,14 +148,11 @@ class DMDObjective(StudentObjective):
         self.generator = self.load_student(generator_init)
         # The critic starts as the teacher (DMD2): a good video score, which then follows the generator.
         self.critic = copy.deepcopy(self.teacher).requires_grad_(True).train()
-        # Causal scores (ablation): the critic runs causally too, so the two scores differ by the
-        # distributions they model and not by what context they see.
         self.dmd = DMD(
             self.teacher,
             self.pipeline_config.guidance_scale if guidance_scale is None else guidance_scale,
             self.pipeline_config.shift,
             tuple(sigma_range),
-            causal_teacher,
         )
         self.sigmas = self.teacher_pipeline.student_sigmas()
 

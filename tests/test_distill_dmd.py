@@ -107,9 +107,9 @@ def test_causvid_dmd_steps_critic_every_step_generator_every_rth_and_resumes_exa
     assert pipe.teacher is not None
 
 
-def test_self_forcing_dmd_with_causal_teacher_and_generator_from_a_pipeline(tiny_checkpoint, tmp_path):
+def test_self_forcing_dmd_with_a_generator_from_a_pipeline(tiny_checkpoint, tmp_path):
     config = _run_config(tmp_path, "sf", tiny_checkpoint, {"type": "prompts", "seed": 1},
-                         generator_input="self_forcing", num_frames=13, causal_teacher=True,
+                         generator_input="self_forcing", num_frames=13,
                          generator_init=str(tiny_checkpoint), sample_frames=9)
     assert main(["distill", "dmd", "--config", str(config), "--max-steps", "3"]) == 0
     rows = _metrics(tmp_path / "sf")

@@ -25,7 +25,6 @@ from causvid.data.shapes import (
     random_caption,
     block_first_frame,
     render_clip,
-    render_segments,
     sample_scene,
     scene_from_json,
     scene_to_json,

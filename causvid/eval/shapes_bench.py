@@ -30,7 +30,6 @@ from causvid.data.shapes import (
     COLOURS,
     DIRECTIONS,
     HELD_OUT,
-    MOTIONS,
     REFERENCE_SIZE,
     SIZES,
     ObjectSpec,

@@ -3,8 +3,7 @@
 The transformer class and its weights are untouched, so a Wan2.1 checkpoint in diffusers
 format loads as it is, and `save_pretrained` writes something diffusers loads back. What the
 wrapper adds is how attention behaves (bidirectional, block-causal, KV-cached), per-frame
-noise levels, RoPE at chosen frame positions, and optionally each latent cell's absolute
-(x, y) position as two extra input channels, which Wan's own configs do not use.
+noise levels, and RoPE at chosen frame positions.
 """
 
 from __future__ import annotations
@@ -24,26 +23,6 @@ from causvid.models.attention import (
     block_causal_mask,
 )
 from causvid.schedule import timestep_from_sigma
-
-# Input channels beyond the latent ones that carry a cell's (x, y) position (CoordConv-style).
-COORDINATE_CHANNELS = 2
-# The layers through which a Wan block writes to the residual stream: zeroed, the block is the identity.
-_BLOCK_OUTPUT_LAYERS = ("attn1.to_out.0.", "attn2.to_out.0.", "ffn.net.2.")
-
-
-def cell_coordinates(latents: torch.Tensor) -> torch.Tensor:
-    """The (x, y) centre of every cell of latents [B, C, F, H, W] in [-1, 1], as [B, 2, F, H, W].
-
-    RoPE only tells attention how far apart two cells are. Where a cell is matters too: an
-    object said to move right starts on the left, and bounces off the walls.
-    """
-    batch, _, frames, height, width = latents.shape
-    like = dict(device=latents.device, dtype=latents.dtype)
-    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, **like)
-    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, **like)
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # [2, H, W]
-    return grid[None, :, None].expand(batch, -1, frames, -1, -1)
-
 
 class FramePositionedRope(WanRotaryPosEmbed):
     """Wan's 3-axis RoPE, evaluated at chosen frame positions instead of always 0..F-1."""
@@ -96,13 +75,6 @@ class WanDenoiser(torch.nn.Module):
             raise ValueError("image-conditioned Wan transformers (added_kv_proj_dim) are not supported")
         if block_frames < 1:
             raise ValueError(f"block_frames must be >= 1, got {block_frames}")
-        extra_channels = transformer.config.in_channels - transformer.config.out_channels
-        if extra_channels not in (0, COORDINATE_CHANNELS):
-            raise ValueError(
-                f"in_channels must equal out_channels, or exceed it by {COORDINATE_CHANNELS} coordinate channels; "
-                f"got {transformer.config.in_channels} and {transformer.config.out_channels}"
-            )
-        self.reads_coordinates = extra_channels == COORDINATE_CHANNELS
         self.transformer = transformer
         self.block_frames = block_frames
         self.context = AttentionContext()
@@ -121,48 +93,6 @@ class WanDenoiser(torch.nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         """Write a plain diffusers `WanTransformer3DModel` directory (config.json + safetensors)."""
         save_diffusers_model(self.transformer, path)
-
-    def with_coordinates(self) -> "WanDenoiser":
-        """A copy that also reads each cell's position, initialised to ignore it (same outputs)."""
-        if self.reads_coordinates:
-            raise ValueError("this denoiser already reads coordinates")
-        state = self.transformer.state_dict()
-        weight = state["patch_embedding.weight"]
-        zeros = weight.new_zeros(weight.shape[0], COORDINATE_CHANNELS, *weight.shape[2:])
-        state["patch_embedding.weight"] = torch.cat([weight, zeros], dim=1)
-        in_channels = self.transformer.config.in_channels + COORDINATE_CHANNELS
-        return WanDenoiser(self._rebuilt(state, in_channels=in_channels), self.block_frames)
-
-    def deepened(self, num_layers: int, train_new_blocks_only: bool = False) -> "WanDenoiser":
-        """A copy with `num_layers` blocks and the same outputs: each block is followed by copies of
-        itself whose output layers start at zero, so they add nothing until trained (block expansion).
-        `train_new_blocks_only` freezes everything else, so what the warm start knows stays put."""
-        depth = self.transformer.config.num_layers
-        if num_layers <= depth or num_layers % depth:
-            raise ValueError(f"num_layers must be a larger multiple of the current {depth}, got {num_layers}")
-        copies = num_layers // depth
-        state = {}
-        for name, value in self.transformer.state_dict().items():
-            if not name.startswith("blocks."):
-                state[name] = value
-                continue
-            _, layer, rest = name.split(".", 2)
-            for copy in range(copies):
-                silent = copy > 0 and rest.startswith(_BLOCK_OUTPUT_LAYERS)
-                state[f"blocks.{int(layer) * copies + copy}.{rest}"] = torch.zeros_like(value) if silent else value
-        deeper = self._rebuilt(state, num_layers=num_layers)
-        if train_new_blocks_only:
-            deeper.requires_grad_(False)
-            for layer, block in enumerate(deeper.blocks):
-                block.requires_grad_(layer % copies > 0)
-        return WanDenoiser(deeper, self.block_frames)
-
-    def _rebuilt(self, state: dict[str, torch.Tensor], **config_changes) -> WanTransformer3DModel:
-        """A new transformer of this one's config with `config_changes`, holding `state`."""
-        config = dict(self.transformer.config) | config_changes
-        transformer = WanTransformer3DModel.from_config(config).to(self.transformer.dtype)
-        transformer.load_state_dict(state)
-        return transformer
 
     @property
     def config(self):
@@ -226,8 +156,7 @@ class WanDenoiser(torch.nn.Module):
             elif causal or window is not None:
                 ctx.mask = self._causal_mask(frames, height, width, x.device, window)
             dtype = self.transformer.dtype
-            inputs = torch.cat([x, cell_coordinates(x)], dim=1) if self.reads_coordinates else x
-            velocity = self.transformer(inputs.to(dtype), timestep, text.to(dtype), return_dict=False)[0]
+            velocity = self.transformer(x.to(dtype), timestep, text.to(dtype), return_dict=False)[0]
         finally:
             ctx.clear()
             rope.frame_positions = None
