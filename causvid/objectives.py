@@ -165,8 +165,8 @@ class AutoencoderObjective(Objective):
         # A stream's first chunk is one frame; after a context every chunk is four.
         return context + self.target_frames + (0 if context else 1)
 
-    def losses(self, models, batch, step, generator):
-        context = self.context_frames[int(torch.randint(len(self.context_frames), (1,), generator=generator))]
+    def losses(self, models, batch, step, rng):
+        context = self.context_frames[int(torch.randint(len(self.context_frames), (1,), generator=rng))]
         video = batch["video"][:, :, : self._clip_frames(context)]
         reconstruction, posterior = models["autoencoder"](video, context)
         video = video[:, :, context:]
@@ -329,15 +329,15 @@ class TeacherObjective(Objective):
         return LatentBank.build_or_load(path, self.autoencoder, self.config.data, self.bank_size, self.config.seed,
                                         self.config.num_workers)
 
-    def losses(self, models, batch, step, generator):
+    def losses(self, models, batch, step, rng):
         x0 = batch["latents"]
         batch_size = x0.shape[0]
         # Caption dropout: the empty prompt stands for "unconditional", as at sampling time.
-        drop = torch.rand(batch_size, generator=generator) < self.caption_dropout
+        drop = torch.rand(batch_size, generator=rng) < self.caption_dropout
         captions = [self.pipeline_config.negative_prompt if d else c for d, c in zip(drop.tolist(), batch["caption"])]
         text = self.text_encoder.encode(captions)
-        noise = randn_like(x0, generator)
-        sigma = shift_sigma(torch.rand(batch_size, generator=generator), self.pipeline_config.shift).to(x0.device)
+        noise = randn_like(x0, rng)
+        sigma = shift_sigma(torch.rand(batch_size, generator=rng), self.pipeline_config.shift).to(x0.device)
         velocity = models["teacher"](add_noise(x0, noise, sigma), sigma, text)
         weights = (1 + self.object_weight * batch["object_mask"].float())[:, None]
         error = (velocity.float() - velocity_target(x0, noise)).square()

@@ -195,7 +195,7 @@ class CausVidPipeline:
             sink_frames=self.config.sink_frames,
             window_frames=self.config.window_frames,
             use_kv_cache=use_kv_cache,
-            generator=torch.Generator("cpu").manual_seed(seed),
+            rng=torch.Generator("cpu").manual_seed(seed),
             device=self.device,
         )
 
@@ -274,8 +274,8 @@ class CausVidPipeline:
             raise CheckpointError("this checkpoint has no teacher/ directory")
         latent_frames = 1 + math.ceil((num_frames - 1) / 4)
         channels, height, width = self.latent_shape
-        generator = torch.Generator("cpu").manual_seed(seed)
-        start = torch.randn((1, channels, latent_frames, height, width), generator=generator).to(self.device)
+        rng = torch.Generator("cpu").manual_seed(seed)
+        start = torch.randn((1, channels, latent_frames, height, width), generator=rng).to(self.device)
         steps = steps or self.config.teacher_steps
         sigmas = teacher_sigmas(steps, self.config.shift).to(self.device)
         if video is not None:

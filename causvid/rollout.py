@@ -33,7 +33,7 @@ class CausalRollout:
         sink_frames: int = 0,
         window_frames: int | None = None,
         use_kv_cache: bool = True,
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
         device: torch.device | str = "cpu",
     ):
         self.denoiser = denoiser
@@ -41,17 +41,17 @@ class CausalRollout:
         self.channels, self.height, self.width = latent_shape
         self.batch = batch
         self.device = torch.device(device)
-        self.generator = generator
+        self.rng = rng
         self.window = None if window_frames is None else (sink_frames, window_frames)
         self.cache = denoiser.new_cache(self.height, self.width, sink_frames, window_frames) if use_kv_cache else None
         self.history: torch.Tensor | None = None
         self.frames_done = 0
 
     def noise(self, frames: int) -> torch.Tensor:
-        """Fresh Gaussian latents for `frames` frames, drawn from this stream's generator."""
+        """Fresh Gaussian latents for `frames` frames, drawn from this stream's RNG."""
         shape = (self.batch, self.channels, frames, self.height, self.width)
-        device = self.generator.device if self.generator is not None else self.device
-        return torch.randn(shape, generator=self.generator, device=device).to(self.device)
+        device = self.rng.device if self.rng is not None else self.device
+        return torch.randn(shape, generator=self.rng, device=device).to(self.device)
 
     def velocity_fn(self, text: torch.Tensor) -> VelocityFn:
         """The denoiser applied to a new block, conditioned on every committed frame."""

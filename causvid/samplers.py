@@ -86,7 +86,7 @@ def sample_few_step(
 
     `sigmas` holds only the student's levels, e.g. [1, .75, .5, .25]; the last x0 is returned.
     `noise_sampler()` gives the fresh noise for each re-noising (k-diffusion's convention), so a
-    caller decides where randomness comes from, e.g. one generator per stream in a batch.
+    caller decides where randomness comes from, e.g. one RNG per stream in a batch.
     """
     noise_sampler = noise_sampler or (lambda: torch.randn_like(noise))
     x = noise

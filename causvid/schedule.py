@@ -35,9 +35,9 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tor
     return (1 - s) * x0 + s * noise
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise shaped like `x`, drawn on the CPU generator (so resume is exact on any device)."""
-    return torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+def randn_like(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """Gaussian noise shaped like `x`, drawn from a CPU RNG (so resume is exact on any device)."""
+    return torch.randn(x.shape, generator=rng).to(x.device, x.dtype)
 
 
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

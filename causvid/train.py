@@ -5,7 +5,7 @@ sample, checkpoint) -> export. An `Objective` says what is trained and how the l
 computed; this file owns everything else. It runs as one CPU process, or under
 `accelerate launch` on many devices.
 
-Exact resume needs no saved RNG: every random draw of step s comes from a generator seeded
+Exact resume needs no saved RNG: every random draw of step s comes from an RNG seeded
 with (seed, rank, s), and the data of step s are the dataset items at fixed indices.
 Checkpoints are written to a temporary directory and renamed into place, then `latest.json`
 is replaced atomically, so a kill at any moment leaves the previous checkpoint intact.
@@ -94,7 +94,7 @@ class Objective:
         raise NotImplementedError
 
     def losses(
-        self, models: dict[str, torch.nn.Module], batch: Any, step: int, generator: torch.Generator
+        self, models: dict[str, torch.nn.Module], batch: Any, step: int, rng: torch.Generator
     ) -> dict[str, tuple[torch.Tensor, dict]]:
         """Losses to step this iteration: optimiser name -> (loss, logs). May omit optimisers.
 
@@ -140,7 +140,7 @@ class StepBatches(torch.utils.data.Sampler):
             yield [(first + i) % self.length for i in range(self.batch)]
 
 
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+def step_rng(seed: int, rank: int, step: int) -> torch.Generator:
     # A fixed mix of (seed, rank, step): a different, reproducible stream for every step.
     return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 1_000_033 + step)
 
@@ -356,10 +356,10 @@ def train(config: TrainConfig, objective: Objective) -> int:
 
         # 4. Losses and updates. The objective decides which optimisers step this iteration.
         tick = time.monotonic()
-        generator = step_generator(config.seed, accelerator.process_index, step)
+        rng = step_rng(config.seed, accelerator.process_index, step)
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with accelerator.autocast():
-            losses = objective.losses(wrapped, batch, step, generator)
+            losses = objective.losses(wrapped, batch, step, rng)
         logs: dict[str, float] = {}  # this step's; `recent` keeps each optimiser's last, for the log
         for name, (loss, extra) in losses.items():
             optimizers[name].zero_grad(set_to_none=True)

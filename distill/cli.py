@@ -2,7 +2,7 @@
 
     ode-pairs   teacher ODE trajectories at the student's levels (stage 1)
     ode-init    causal student regressed onto them (stage 2)
-    dmd         asymmetric DMD, CausVid or Self-Forcing generator input (stage 3)
+    dmd         asymmetric DMD, CausVid or Self-Forcing student input (stage 3)
     compare     shapes-bench of several checkpoints: the ablation table
     drift       shapes-bench per segment of long streams
 """
@@ -118,7 +118,7 @@ def register(subparsers) -> None:
     pairs.set_defaults(func=_ode_pairs)
 
     for name, objective, text in (("ode-init", "ode_init", "causal student regressed onto teacher ODE endpoints"),
-                                  ("dmd", "dmd", "asymmetric DMD (CausVid or Self-Forcing generator input)")):
+                                  ("dmd", "dmd", "asymmetric DMD (CausVid or Self-Forcing student input)")):
         stage = stages.add_parser(name, help=text)
         add_training_args(stage)
         stage.set_defaults(func=_train(objective))

@@ -3,7 +3,7 @@
 The causal student starts as a copy of the bidirectional teacher and learns, under the
 block-causal mask, to jump from any of its few-step noise levels straight to the teacher's
 ODE endpoint. Each block gets its own level, as at inference where earlier blocks are clean
-context for later ones. This gives DMD a generator that already produces plausible videos.
+context for later ones. This gives DMD a student that already produces plausible videos.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from distill.student import StudentObjective, block_levels, build_dataset
 
 def ode_regression_loss(
     student, trajectory: torch.Tensor, sigmas: torch.Tensor, text: torch.Tensor, block_frames: int,
-    generator: torch.Generator,
+    rng: torch.Generator,
 ) -> tuple[torch.Tensor, dict]:
     """MSE between the student's x0 and the trajectory endpoint, from per-block trajectory latents.
 
     `trajectory` is [B, S+1, C, F, H, W]: latents at the S levels `sigmas[:S]`, then the endpoint.
     """
     batch, stored, _, frames = trajectory.shape[:4]
-    level = block_levels(batch, frames, block_frames, stored - 1, generator).to(trajectory.device)
+    level = block_levels(batch, frames, block_frames, stored - 1, rng).to(trajectory.device)
     # Frame f of sample b comes from the trajectory latent at that frame's level.
     index = level[:, None, None, :, None, None].expand(-1, 1, *trajectory.shape[2:])
     x_t = trajectory.gather(1, index)[:, 0]
@@ -50,14 +50,14 @@ class OdeInitObjective(StudentObjective):
         self.student = self.load_student()
 
     def trainable(self):
-        return {"generator": self.student}
+        return {"student": self.student}
 
     def dataset(self) -> OdePairs:
         return self.pairs
 
-    def losses(self, models, batch, step, generator):
+    def losses(self, models, batch, step, rng):
         device = self.device
         text = self.encode(batch["caption"], device)
-        loss = ode_regression_loss(models["generator"], batch["trajectory"].to(device), self.sigmas, text,
-                                   self.pipeline_config.block_frames, generator)
-        return {"generator": loss}
+        loss = ode_regression_loss(models["student"], batch["trajectory"].to(device), self.sigmas, text,
+                                   self.pipeline_config.block_frames, rng)
+        return {"student": loss}

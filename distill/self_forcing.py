@@ -1,6 +1,6 @@
 """Self-Forcing's training rollout (Huang et al. 2025, arXiv 2506.08009), run past the teacher's horizon.
 
-The generator produces every block the way it will at inference: few-step denoising against
+The student produces every block the way it will at inference: few-step denoising against
 the same rolling KV cache (sinks + window) filled with its *own* earlier outputs, so training
 sees the errors it will have to live with. Backpropagating through the whole rollout would
 cost the memory of every step of every block; instead each block stops at one random step of
@@ -27,7 +27,7 @@ from causvid.schedule import add_noise, x0_from_velocity
 
 def self_forcing_rollout(
     rollout: CausalRollout,
-    generator: Callable[..., torch.Tensor],
+    student: Callable[..., torch.Tensor],
     text: torch.Tensor,
     num_frames: int,
     rng: torch.Generator,
@@ -41,7 +41,7 @@ def self_forcing_rollout(
     block `start_block`; returns the window's latents [B, C, num_frames, H, W].
 
     `rollout` (its denoiser, KV cache, noise and sigmas) runs the gradient-free steps and the
-    commits; `generator` is the same model as the loop wrapped it, called for the exit steps so
+    commits; `student` is the same model as the loop wrapped it, called for the exit steps so
     its gradients are the ones the optimiser (and, across processes, the all-reduce) sees.
     `switch` = (block, new text) changes the prompt from that block on (at most `start_block`,
     so the window is made under one prompt), re-caching as inference does when `recache`.
@@ -78,7 +78,7 @@ def self_forcing_rollout(
         # usually ran without a graph; forgetting them makes the exit step recompute them, so the
         # text embedder and cross-attention K/V projections get gradients in every block.
         rollout.cache.forget_prompt()
-        x0 = x0_from_velocity(x, generator(x, sigma, text, cache=rollout.cache), sigma)
+        x0 = x0_from_velocity(x, student(x, sigma, text, cache=rollout.cache), sigma)
         rollout.commit(x0.detach(), text)  # no_grad: later blocks see this block, gradients don't cross
         window.append(x0)
     return torch.cat(window, dim=2)

@@ -21,7 +21,7 @@ from distill.ode_pairs import OdePairs, switch_prompt, training_prompt
 
 
 class TrainingPrompts(torch.utils.data.Dataset):
-    """Captions (item i: `training_prompt(seed, i)`), for generators that start from noise, each
+    """Captions (item i: `training_prompt(seed, i)`), for students that start from noise, each
     with its scene (JSON) and the caption a prompt switch would go to (`switch_prompt`)."""
 
     def __init__(self, seed: int = 0):
@@ -47,10 +47,10 @@ def build_dataset(data: dict) -> torch.utils.data.Dataset:
     raise ValueError(f"unknown dataset type {kind!r} (expected 'ode_pairs' or 'prompts')")
 
 
-def block_levels(batch: int, frames: int, block_frames: int, num_levels: int, generator: torch.Generator) -> torch.Tensor:
+def block_levels(batch: int, frames: int, block_frames: int, num_levels: int, rng: torch.Generator) -> torch.Tensor:
     """Random level indices [B, F] in [0, num_levels), one per causal block (CausVid's per-block timesteps)."""
     blocks = -(-frames // block_frames)
-    level = torch.randint(num_levels, (batch, blocks), generator=generator)
+    level = torch.randint(num_levels, (batch, blocks), generator=rng)
     return level.repeat_interleave(block_frames, dim=1)[:, :frames]
 
 
@@ -61,7 +61,7 @@ def teacher_weights(pipeline_dir: str | Path) -> Path:
 
 
 class StudentObjective(Objective):
-    """Base of the distillation objectives: a frozen teacher pipeline and a causal student ("generator")."""
+    """Base of the distillation objectives: a frozen teacher pipeline and a causal student."""
 
     def __init__(self, config, teacher: str, sample_cases: int = 4, sample_frames: int = 33):
         self.config = config
@@ -102,7 +102,7 @@ class StudentObjective(Objective):
     @torch.no_grad()
     def sample(self, ema, out_dir, step):
         """Score the EMA student on a few shapes-bench prompts; write a contact sheet of its videos."""
-        student = ema["generator"]
+        student = ema["student"]
         pipe = self.pipeline(student).to(next(student.parameters()).device, torch.float32)
         videos, labels = [], []
         report = bench(pipe, self.sample_cases, (0,), self.sample_frames,
@@ -112,4 +112,4 @@ class StudentObjective(Objective):
                 if name in METRICS and value is not None}
 
     def export(self, ema, out_dir):
-        self.pipeline(ema["generator"], with_teacher=True).save_pretrained(out_dir)
+        self.pipeline(ema["student"], with_teacher=True).save_pretrained(out_dir)

@@ -1,7 +1,7 @@
 """Streaming runtime and websocket server (builds on causvid).
 
     protocol   validated client messages, events, the binary frame format (docs/protocol.md)
-    generator  one stream's model state: rollout, prompt, i2v prefill, v2v input, decoding
+    state      one stream's model state: rollout, prompt, i2v prefill, v2v input, decoding
     batching   denoising several streams' blocks in one forward pass
     session    one stream on the event loop: controls, bounded outbox, pacing clock
     engine     the shared model thread and the loop that schedules blocks onto it

@@ -3,7 +3,7 @@
 Streams whose KV caches hold the same number of frames and who sample the same noise levels
 can share one forward pass per step: their caches are stacked along the batch dimension,
 denoised together, and split back. Each stream keeps drawing its re-noising from its own
-generator, so a batched block equals the block the stream would get alone (test_stream_session).
+RNG, so a batched block equals the block the stream would get alone (test_stream_session).
 Denoising and committing are separate calls, so the engine can decode and send a block before
 the pass that writes it into the caches.
 """
@@ -16,18 +16,18 @@ import torch
 
 from causvid.rollout import CausalRollout
 from causvid.samplers import sample_few_step
-from stream.generator import BlockPlan
+from stream.state import BlockPlan
 
 
 def _batch_key(plan: BlockPlan) -> tuple:
-    return (plan.generator.rollout.cache.cached_frames, tuple(plan.sigmas.tolist()), tuple(plan.noise.shape))
+    return (plan.stream.rollout.cache.cached_frames, tuple(plan.sigmas.tolist()), tuple(plan.noise.shape))
 
 
 def _denoise_together(plans: list[BlockPlan]) -> list[torch.Tensor]:
     """`CausalRollout.denoise_block` for several streams at once; returns each stream's clean block."""
-    rollouts = [plan.generator.rollout for plan in plans]
+    rollouts = [plan.stream.rollout for plan in plans]
     batch, frames = CausalRollout.stacked(rollouts, plans[0].sigmas), plans[0].noise.shape[2]
-    # Each stream re-noises from its own generator, so its block equals the one it gets alone.
+    # Each stream re-noises from its own RNG, so its block equals the one it gets alone.
     x0 = sample_few_step(
         batch.velocity_fn(torch.cat([plan.text for plan in plans])), torch.cat([plan.noise for plan in plans]),
         plans[0].sigmas, lambda: torch.cat([r.noise(frames) for r in rollouts]),
@@ -52,7 +52,7 @@ def denoise(plans: list[BlockPlan], groups: list[list[int]]) -> list[torch.Tenso
     for members in groups:
         if len(members) == 1:
             plan = plans[members[0]]
-            clean[members[0]] = plan.generator.rollout.denoise_block(plan.text, plan.noise, plan.sigmas)
+            clean[members[0]] = plan.stream.rollout.denoise_block(plan.text, plan.noise, plan.sigmas)
             continue
         for i, block in zip(members, _denoise_together([plans[i] for i in members])):
             clean[i] = block
@@ -64,9 +64,9 @@ def commit(plans: list[BlockPlan], groups: list[list[int]], clean: list[torch.Te
     for members in groups:
         group = [plans[i] for i in members]
         if len(group) == 1:
-            group[0].generator.rollout.commit(clean[members[0]], group[0].text)
+            group[0].stream.rollout.commit(clean[members[0]], group[0].text)
             continue
-        rollouts = [plan.generator.rollout for plan in group]
+        rollouts = [plan.stream.rollout for plan in group]
         batch = CausalRollout.stacked(rollouts, group[0].sigmas)
         batch.commit(torch.cat([clean[i] for i in members]), torch.cat([plan.text for plan in group]))
         batch.scatter(rollouts)

@@ -19,14 +19,14 @@ import torch
 
 from causvid.pipeline import CausVidPipeline
 from stream.batching import commit, denoise, group_plans
-from stream.generator import BlockGenerator, BlockOutput
+from stream.state import StreamState, BlockOutput
 from stream.protocol import StartRequest
 from stream.session import Controls, Session
 
 log = logging.getLogger("stream.engine")
 T = TypeVar("T")
 
-StepResult = tuple[BlockGenerator | None, BlockOutput | Exception]
+StepResult = tuple[StreamState | None, BlockOutput | Exception]
 
 
 class Engine:
@@ -86,12 +86,12 @@ class Engine:
                 work.append((session, session.take_controls()))
             emit = self._emitter([session for session, _ in work])
             try:
-                results = await self.call(self._step, [(s.generator, s.request, c) for s, c in work], emit)
+                results = await self.call(self._step, [(s.state, s.request, c) for s, c in work], emit)
             finally:
                 for session, _ in work:
                     session.busy = False
-            for (session, _), (generator, result) in zip(work, results):
-                session.generator = generator
+            for (session, _), (state, result) in zip(work, results):
+                session.state = state
                 if isinstance(result, Exception):
                     if not session.closed:
                         session.fail("generation_failed", f"{type(result).__name__}: {result}")
@@ -122,31 +122,31 @@ class Engine:
 
     # -- on the model thread -----------------------------------------------------------------
 
-    def _step(self, work: list[tuple[BlockGenerator | None, StartRequest, Controls]],
+    def _step(self, work: list[tuple[StreamState | None, StartRequest, Controls]],
               emit: Callable[[int, BlockOutput], None]) -> list[StepResult]:
         """Apply controls, then plan, denoise (batched), decode and commit one block per session.
 
         Decoded frames go to `emit(work index, part)` as they exist, before the commit pass;
         the result per session is its block's end, an idle step's events, or an error.
         """
-        generators: list[BlockGenerator | None] = []
+        states: list[StreamState | None] = []
         results: list[BlockOutput | Exception | None] = [None] * len(work)
         plans, owners = [], []
         with torch.inference_mode():
-            for i, (generator, request, controls) in enumerate(work):
+            for i, (state, request, controls) in enumerate(work):
                 try:
-                    generator = generator or BlockGenerator(self.pipe, request, self.jpeg_quality)
-                    generators.append(generator)
-                    self._apply(generator, request, controls)
-                    plan = generator.plan()
+                    state = state or StreamState(self.pipe, request, self.jpeg_quality)
+                    states.append(state)
+                    self._apply(state, request, controls)
+                    plan = state.plan()
                 except Exception as error:  # one stream's failure must not stop the others
                     log.exception("session step failed")
-                    if len(generators) == i:
-                        generators.append(None)
+                    if len(states) == i:
+                        states.append(None)
                     results[i] = error
                     continue
                 if plan is None:
-                    results[i] = generator.idle_output()
+                    results[i] = state.idle_output()
                 else:
                     plans.append(plan)
                     owners.append(i)
@@ -155,7 +155,7 @@ class Engine:
                 clean = denoise(plans, groups)
                 for i, plan, block in zip(owners, plans, clean):
                     try:
-                        for part in plan.generator.decode(block):
+                        for part in plan.stream.decode(block):
                             emit(i, part)
                     except Exception as error:
                         log.exception("decoding failed")
@@ -165,21 +165,21 @@ class Engine:
                 log.exception("denoising or committing failed")
                 for i in owners:
                     results[i] = error
-                return list(zip(generators, results))
+                return list(zip(states, results))
             self.blocks += len(plans)
             self.batches += len(groups)
             for i, plan in zip(owners, plans):
                 if results[i] is None:
-                    results[i] = plan.generator.block_end()
-        return list(zip(generators, results))
+                    results[i] = plan.stream.block_end()
+        return list(zip(states, results))
 
     @staticmethod
-    def _apply(generator: BlockGenerator, request: StartRequest, controls: Controls) -> None:
+    def _apply(state: StreamState, request: StartRequest, controls: Controls) -> None:
         if controls.switch is not None:
             switch = controls.switch
             blocks = request.interpolate_blocks if switch.interpolate_blocks is None else switch.interpolate_blocks
-            generator.switch_prompt(switch.prompt, blocks, switch.recache)
-        if generator.mode == "v2v":
-            generator.feed(controls.inputs, controls.arrivals)
+            state.switch_prompt(switch.prompt, blocks, switch.recache)
+        if state.mode == "v2v":
+            state.feed(controls.inputs, controls.arrivals)
             if controls.end_input:
-                generator.end_input()
+                state.end_input()

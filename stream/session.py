@@ -1,6 +1,6 @@
 """One client's stream as the event loop sees it: controls in, a bounded outbox out, a clock.
 
-`Session` lives on the event loop. The model state (`BlockGenerator`) lives on the engine's
+`Session` lives on the event loop. The model state (`StreamState`) lives on the engine's
 model thread; the two meet only when the engine hands the session's pending controls to the
 model thread and delivers the resulting block back here, so neither side needs locks.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from stream.generator import BlockGenerator, BlockOutput
+from stream.state import StreamState, BlockOutput
 from stream.protocol import FrameHeader, PromptSwitch, StartRequest, error_event, event, pack_frame
 
 
@@ -145,7 +145,7 @@ class Session:
         # v2v is paced by its input: each output frame goes out as soon as it exists.
         self.pacer = Pacer(request.fps or fps, realtime=request.pacing == "realtime" and request.mode != "v2v")
         self.block_seconds = block_seconds
-        self.generator: BlockGenerator | None = None  # made on the model thread by the first step
+        self.state: StreamState | None = None  # made on the model thread by the first step
         self.controls = Controls()
         self.max_pending_inputs = max_pending_inputs
         self._input_space = asyncio.Event()

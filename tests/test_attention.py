@@ -14,7 +14,7 @@ SIGMAS = student_sigmas([1000, 750, 500, 250])
 
 
 def _rollout(denoiser, text, blocks, seed=1, **kwargs):
-    rollout = CausalRollout(denoiser, SIGMAS, (C, H, W), generator=torch.Generator().manual_seed(seed), **kwargs)
+    rollout = CausalRollout(denoiser, SIGMAS, (C, H, W), rng=torch.Generator().manual_seed(seed), **kwargs)
     with torch.no_grad():
         return torch.cat([rollout.next_block(text) for _ in range(blocks)], dim=2), rollout
 
@@ -103,7 +103,7 @@ def test_sink_frames_stay_visible_after_eviction(tiny_denoiser):
     assert (base[:, :, :4] - recomputed).abs().max().item() < 1e-4
 
     def last_block_after(prefix: torch.Tensor) -> torch.Tensor:
-        r = CausalRollout(tiny_denoiser, SIGMAS, (C, H, W), generator=torch.Generator().manual_seed(9), **kwargs)
+        r = CausalRollout(tiny_denoiser, SIGMAS, (C, H, W), rng=torch.Generator().manual_seed(9), **kwargs)
         with torch.no_grad():
             for b in range(4):
                 r.commit(prefix[:, :, 2 * b : 2 * b + 2], text)
@@ -147,7 +147,7 @@ def test_long_stream_never_leaves_the_rope_table(text_encoder):
 
 def test_prompt_switch_resets_cross_attention_cache(tiny_denoiser, text_encoder):
     red, blue = text_encoder.encode(["a red circle"]), text_encoder.encode(["a blue square"])
-    rollout = CausalRollout(tiny_denoiser, SIGMAS, (C, H, W), generator=torch.Generator().manual_seed(0))
+    rollout = CausalRollout(tiny_denoiser, SIGMAS, (C, H, W), rng=torch.Generator().manual_seed(0))
     noise = rollout.noise(2)
     with torch.no_grad():
         rollout.next_block(red)

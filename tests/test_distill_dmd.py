@@ -1,4 +1,4 @@
-"""Distillation stage 3: the DMD gradient, the critic/generator schedule, both generator inputs, resume."""
+"""Distillation stage 3: the DMD gradient, the critic/student schedule, both student inputs, resume."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from distill.self_forcing import self_forcing_rollout
 def _toy_score(target: torch.Tensor):
     """A 'model' whose x0 prediction is always `target` (v = (x_t - x0) / sigma)."""
 
-    def score(x, sigma, text, causal=False):
+    def score(x, sigma, text):
         return (x - target) / sigma.view(-1, 1, 1, 1, 1)
 
     return score
@@ -30,7 +30,7 @@ def _toy_score(target: torch.Tensor):
 def _dmd_step(x: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     x = x.clone().requires_grad_(True)
     dmd = DMD(_toy_score(real), guidance_scale=1.0)
-    loss, _ = dmd.generator_loss(x, _toy_score(fake), None, None, torch.Generator().manual_seed(0))
+    loss, _ = dmd.student_loss(x, _toy_score(fake), None, None, torch.Generator().manual_seed(0))
     loss.backward()
     return x.grad
 
@@ -39,7 +39,7 @@ def test_dmd_gradient_vanishes_when_fake_matches_real_and_points_to_real():
     x = torch.randn(2, 4, 3, 5, 5)
     real = torch.randn(2, 4, 3, 5, 5)
     assert torch.count_nonzero(_dmd_step(x, real, real)) == 0
-    # A critic that has fitted the generator (fake x0 = x): descent moves x towards the real x0.
+    # A critic that has fitted the student (fake x0 = x): descent moves x towards the real x0.
     grad = _dmd_step(x, real, x)
     torch.testing.assert_close(grad, dmd_gradient(x, real, x) / x.numel())
     assert ((x - grad * x.numel() * 0.1 - real).norm() < (x - real).norm())
@@ -52,9 +52,9 @@ def test_dmd_gradient_vanishes_when_fake_matches_real_and_points_to_real():
 def _run_config(tmp_path, name, teacher, data, **objective_args):
     config = {
         "objective": "dmd", "out_dir": str(tmp_path / name), "max_steps": 4, "batch_size": 2,
-        "lr": {"generator": 1e-3, "critic": 1e-3}, "warmup_steps": 1, "log_every": 1, "sample_every": 1000,
+        "lr": {"student": 1e-3, "critic": 1e-3}, "warmup_steps": 1, "log_every": 1, "sample_every": 1000,
         "checkpoint_every": 2, "ema_decay": 0.9, "betas": [0.0, 0.999], "data": data,
-        "objective_args": {"teacher": str(teacher), "generator_every": 2, "sample_cases": 1, "sample_frames": 9}
+        "objective_args": {"teacher": str(teacher), "student_every": 2, "sample_cases": 1, "sample_frames": 9}
         | objective_args,
     }
     path = tmp_path / f"{name}.yaml"
@@ -76,45 +76,45 @@ def pairs(tiny_checkpoint, tmp_path_factory):
     return out
 
 
-def test_causvid_dmd_steps_critic_every_step_generator_every_rth_and_resumes_exactly(pairs, tiny_checkpoint, tmp_path):
+def test_causvid_dmd_steps_critic_every_step_student_every_rth_and_resumes_exactly(pairs, tiny_checkpoint, tmp_path):
     data = {"type": "ode_pairs", "root": str(pairs)}
     straight = _run_config(tmp_path, "straight", tiny_checkpoint, data)
     assert main(["distill", "dmd", "--config", str(straight)]) == 0
     rows = _metrics(tmp_path / "straight")
     assert [r["step"] for r in rows if r.get("loss_critic")] == ["1", "2", "3", "4"]
-    # The generator steps at iterations 0 and 2 (r = 2); between them the log carries its last loss.
-    generator_losses = [r["loss_generator"] for r in rows]
-    assert generator_losses[0] == generator_losses[1] != generator_losses[2] == generator_losses[3]
+    # The student steps at iterations 0 and 2 (r = 2); between them the log carries its last loss.
+    student_losses = [r["loss_student"] for r in rows]
+    assert student_losses[0] == student_losses[1] != student_losses[2] == student_losses[3]
     checkpoint = next((tmp_path / "straight").glob("checkpoint-0000004"))
     steps = {name: load_tensors(checkpoint / f"{name}_optimizer.safetensors")["opt.0.step"].item()
-             for name in ("generator", "critic")}
-    assert steps == {"generator": 2, "critic": 4}
-    assert not (checkpoint / "critic_ema.safetensors").exists()  # the export reads the generator's alone
+             for name in ("student", "critic")}
+    assert steps == {"student": 2, "critic": 4}
+    assert not (checkpoint / "critic_ema.safetensors").exists()  # the export reads the student's alone
 
     split = _run_config(tmp_path, "split", tiny_checkpoint, data)
     assert main(["distill", "dmd", "--config", str(split), "--max-steps", "2"]) == 0
     assert main(["distill", "dmd", "--config", str(split), "--resume"]) == 0
     assert _metrics(tmp_path / "split") == rows
-    for name in ("generator", "critic", "generator_ema"):
+    for name in ("student", "critic", "student_ema"):
         a = load_tensors(checkpoint / f"{name}.safetensors")
         b = load_tensors(tmp_path / "split" / "checkpoint-0000004" / f"{name}.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a)
-    # The export is a pipeline whose student is the (EMA) generator, with the teacher alongside.
+    # The export is a pipeline whose student is the EMA student, with the teacher alongside.
     pipe = load_pipeline(tmp_path / "straight" / "export", "cpu", torch.float32)
-    ema = load_tensors(checkpoint / "generator_ema.safetensors")
+    ema = load_tensors(checkpoint / "student_ema.safetensors")
     student = pipe.denoiser.state_dict()
     assert all(torch.equal(student[k], ema[k]) for k in ema)
     assert pipe.teacher is not None
 
 
-def test_self_forcing_dmd_with_a_generator_from_a_pipeline(tiny_checkpoint, tmp_path):
+def test_self_forcing_dmd_with_a_student_from_a_pipeline(tiny_checkpoint, tmp_path):
     config = _run_config(tmp_path, "sf", tiny_checkpoint, {"type": "prompts", "seed": 1},
-                         generator_input="self_forcing", num_frames=13,
-                         generator_init=str(tiny_checkpoint), sample_frames=9)
+                         student_input="self_forcing", num_frames=13,
+                         student_init=str(tiny_checkpoint), sample_frames=9)
     assert main(["distill", "dmd", "--config", str(config), "--max-steps", "3"]) == 0
     rows = _metrics(tmp_path / "sf")
-    generator_losses = [r["loss_generator"] for r in rows]
-    assert generator_losses[0] == generator_losses[1] != generator_losses[2]  # iterations 0 and 2
+    student_losses = [r["loss_student"] for r in rows]
+    assert student_losses[0] == student_losses[1] != student_losses[2]  # iterations 0 and 2
     assert all(float(r["loss_critic"]) >= 0 for r in rows)
     load_pipeline(tmp_path / "sf" / "export", "cpu", torch.float32)
     # The wrong data for the input mode is refused.
@@ -130,7 +130,7 @@ def test_self_forcing_rollout_keeps_a_graph_only_for_each_blocks_exit_step(tiny_
         with_kwargs=True,
     )
     rng = torch.Generator().manual_seed(5)
-    rollout = CausalRollout(tiny_denoiser, sigmas, (4, 8, 8), batch=2, generator=rng)
+    rollout = CausalRollout(tiny_denoiser, sigmas, (4, 8, 8), batch=2, rng=rng)
     text = torch.randn(2, 32, 384)
     video = self_forcing_rollout(rollout, tiny_denoiser, text, 6, rng)
     assert video.shape == (2, 4, 6, 8, 8) and video.requires_grad
@@ -155,14 +155,14 @@ def test_self_forcing_rollout_keeps_a_graph_only_for_each_blocks_exit_step(tiny_
     assert all(p.grad is not None for p in tiny_denoiser.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("generator_input", ["causvid", "self_forcing"])
-def test_two_cpu_processes_keep_generator_and_critic_in_step(generator_input, pairs, tiny_checkpoint, tmp_path,
+@pytest.mark.parametrize("student_input", ["causvid", "self_forcing"])
+def test_two_cpu_processes_keep_student_and_critic_in_step(student_input, pairs, tiny_checkpoint, tmp_path,
                                                              run_as_two_cpu_processes):
-    # The loop checks at each checkpoint that both ranks hold the same generator and critic: a
-    # module used outside DDP's all-reduce (the critic in the generator's loss, the rollout's
+    # The loop checks at each checkpoint that both ranks hold the same student and critic: a
+    # module used outside DDP's all-reduce (the critic in the student's loss, the rollout's
     # gradient-free steps) would fail it.
-    data = {"type": "ode_pairs", "root": str(pairs)} if generator_input == "causvid" else {"type": "prompts", "seed": 1}
-    config = _run_config(tmp_path, "ddp", tiny_checkpoint, data, generator_input=generator_input, num_frames=13)
+    data = {"type": "ode_pairs", "root": str(pairs)} if student_input == "causvid" else {"type": "prompts", "seed": 1}
+    config = _run_config(tmp_path, "ddp", tiny_checkpoint, data, student_input=student_input, num_frames=13)
     run_as_two_cpu_processes(["distill", "dmd", "--config", str(config)])
     rows = _metrics(tmp_path / "ddp")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
@@ -173,7 +173,7 @@ def test_two_cpu_processes_keep_generator_and_critic_in_step(generator_input, pa
 def _stream_blocks(denoiser, texts, seed, **cache):
     """Blocks [B, C, F, H, W] as inference makes them: `texts[b]` for block b, re-cached on a change."""
     rollout = CausalRollout(denoiser, student_sigmas([1000, 750, 500, 250]), (4, 8, 8), batch=texts[0].shape[0],
-                            generator=torch.Generator().manual_seed(seed), **cache)
+                            rng=torch.Generator().manual_seed(seed), **cache)
     blocks = []
     with torch.no_grad():
         for b, text in enumerate(texts):
@@ -188,7 +188,7 @@ def test_a_long_rollout_judges_the_window_where_it_lands_with_the_inference_cach
     sigmas = student_sigmas([1000, 750, 500, 250])
     cache = {"sink_frames": 1, "window_frames": 4}  # rolls from the third block of 2 frames on
     text = torch.randn(2, 32, 384)
-    rollout = CausalRollout(tiny_denoiser, sigmas, (4, 8, 8), batch=2, generator=torch.Generator().manual_seed(3),
+    rollout = CausalRollout(tiny_denoiser, sigmas, (4, 8, 8), batch=2, rng=torch.Generator().manual_seed(3),
                             **cache)
     # With the exit step at the last level, a window block is made exactly as inference makes it.
     window = self_forcing_rollout(rollout, tiny_denoiser, text, 4, torch.Generator(), start_block=start_block,
@@ -207,7 +207,7 @@ def test_a_long_rollout_keeps_a_graph_only_inside_the_window(tiny_denoiser):
     tiny_denoiser.register_forward_pre_hook(lambda module, args, kwargs: graphs.append(torch.is_grad_enabled()),
                                             with_kwargs=True)
     rollout = CausalRollout(tiny_denoiser, sigmas, (4, 8, 8), batch=1, sink_frames=1, window_frames=4,
-                            generator=torch.Generator().manual_seed(0))
+                            rng=torch.Generator().manual_seed(0))
     self_forcing_rollout(rollout, tiny_denoiser, torch.randn(1, 32, 384), 4, torch.Generator(), start_block=6,
                          exit_step=len(sigmas) - 1)
     # 6 blocks before the window: 4 steps and a commit each, all without a graph; then per window
@@ -221,7 +221,7 @@ def test_a_switch_in_a_rollout_follows_the_inference_switch(tiny_denoiser, text_
     cache = {"sink_frames": 1, "window_frames": 4}
     windows = {}
     for recache in (True, False):
-        rollout = CausalRollout(tiny_denoiser, sigmas, (4, 8, 8), batch=2, generator=torch.Generator().manual_seed(4),
+        rollout = CausalRollout(tiny_denoiser, sigmas, (4, 8, 8), batch=2, rng=torch.Generator().manual_seed(4),
                                 **cache)
         windows[recache] = self_forcing_rollout(rollout, tiny_denoiser, red, 4, torch.Generator(), start_block=3,
                                                 switch=(2, blue), recache=recache, exit_step=len(sigmas) - 1).detach()
@@ -238,7 +238,7 @@ def test_long_rollouts_with_switches_judge_a_window_under_the_prompt_it_was_made
 
     objectives = {"dmd": DMDObjective}
     config = TrainConfig.from_yaml(_run_config(tmp_path, "long", tiny_checkpoint, {"type": "prompts", "seed": 1},
-                                               generator_input="self_forcing", num_frames=13, rollout_blocks=6,
+                                               student_input="self_forcing", num_frames=13, rollout_blocks=6,
                                                switch_probability=1.0))
     objective = build_objective(config, objectives)
     assert objective.window_blocks == 2  # 13 frames: 4 latent frames, blocks of 2
@@ -252,7 +252,7 @@ def test_long_rollouts_with_switches_judge_a_window_under_the_prompt_it_was_made
         start = int(torch.randint(5, (1,), generator=rng))  # the objective's first draw: the window's block
         rng.set_state(state)
         with torch.no_grad():
-            x, text = objective.generate(objective.generator, batch, old, rng, "cpu")
+            x, text = objective.generate(objective.student, batch, old, rng, "cpu")
         assert x.shape[2] == 4  # the window's two blocks
         # From block 1 on a switch is always drawn (probability 1), and the window is judged under it.
         assert torch.equal(text, new if start > 0 else old)
@@ -261,12 +261,12 @@ def test_long_rollouts_with_switches_judge_a_window_under_the_prompt_it_was_made
     assert len(set(starts)) >= 3 and 0 < switched < 12
     with pytest.raises(ValueError, match="cover the judged window"):
         build_objective(TrainConfig.from_yaml(_run_config(
-            tmp_path, "short", tiny_checkpoint, {"type": "prompts"}, generator_input="self_forcing", num_frames=13,
+            tmp_path, "short", tiny_checkpoint, {"type": "prompts"}, student_input="self_forcing", num_frames=13,
             rollout_blocks=1)), objectives)
 
 
 def test_long_switching_dmd_trains_and_resumes_exactly(tiny_checkpoint, tmp_path):
-    args = dict(generator_input="self_forcing", num_frames=13, rollout_blocks=4, switch_probability=0.5)
+    args = dict(student_input="self_forcing", num_frames=13, rollout_blocks=4, switch_probability=0.5)
     straight = _run_config(tmp_path, "straight", tiny_checkpoint, {"type": "prompts", "seed": 1}, **args)
     split = _run_config(tmp_path, "split", tiny_checkpoint, {"type": "prompts", "seed": 1}, **args)
     assert main(["distill", "dmd", "--config", str(straight)]) == 0
@@ -280,7 +280,7 @@ def test_image_to_video_rollouts_start_from_the_prompts_scene(tiny_checkpoint, t
     from distill.dmd import DMDObjective
 
     config = TrainConfig.from_yaml(_run_config(tmp_path, "i2v", tiny_checkpoint, {"type": "prompts", "seed": 1},
-                                               generator_input="self_forcing", num_frames=13, image_probability=1.0))
+                                               student_input="self_forcing", num_frames=13, image_probability=1.0))
     objective = build_objective(config, {"dmd": DMDObjective})
     item = objective.dataset()[3]
     batch = {"caption": [item["caption"]] * 2, "scene": [item["scene"]] * 2, "switch_caption": [item["switch_caption"]] * 2}
@@ -288,7 +288,7 @@ def test_image_to_video_rollouts_start_from_the_prompts_scene(tiny_checkpoint, t
     original = CausalRollout.commit
     monkeypatch.setattr(CausalRollout, "commit", lambda self, clean, text: (commits.append(clean), original(self, clean, text)))
     with torch.no_grad():
-        x, _ = objective.generate(objective.generator, batch, objective.encode(batch["caption"], "cpu"),
+        x, _ = objective.generate(objective.student, batch, objective.encode(batch["caption"], "cpu"),
                                   torch.Generator().manual_seed(0), "cpu")
     assert x.shape[2] == 4 and [c.shape[2] for c in commits] == [1, 2, 2]  # the image, then the window's blocks
     # The first commit is the encoded first frame of the caption's scene.

@@ -125,7 +125,7 @@ def test_regression_input_takes_each_block_from_its_level():
 def test_ode_init_trains_a_causal_student_and_exports_a_pipeline(pairs, tiny_checkpoint, tmp_path):
     config = {
         "objective": "ode_init", "out_dir": str(tmp_path / "run"), "max_steps": 3, "batch_size": 2,
-        "lr": {"generator": 1e-3}, "warmup_steps": 1, "log_every": 1, "sample_every": 3, "checkpoint_every": 3,
+        "lr": {"student": 1e-3}, "warmup_steps": 1, "log_every": 1, "sample_every": 3, "checkpoint_every": 3,
         "data": {"type": "ode_pairs", "root": str(pairs)},
         "objective_args": {"teacher": str(tiny_checkpoint), "sample_cases": 1, "sample_frames": 9},
     }
@@ -135,7 +135,7 @@ def test_ode_init_trains_a_causal_student_and_exports_a_pipeline(pairs, tiny_che
     assert main(["distill", "ode-init", "--config", str(path)]) == 0
     with open(tmp_path / "run" / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    losses = [float(r["loss_generator"]) for r in rows if r.get("loss_generator")]
+    losses = [float(r["loss_student"]) for r in rows if r.get("loss_student")]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert any(r.get("bench_colour") for r in rows) and list((tmp_path / "run" / "samples").glob("*.png"))
 

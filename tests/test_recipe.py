@@ -50,7 +50,7 @@ def test_every_config_parses_and_binds_its_objective(path):
     config = TrainConfig.from_yaml(path)
     objective = ALL_OBJECTIVES[config.objective]
     inspect.signature(objective.__init__).bind(None, config, **config.objective_args)
-    assert set(config.lr) <= {"autoencoder", "discriminator", "teacher", "generator", "critic"}
+    assert set(config.lr) <= {"autoencoder", "discriminator", "teacher", "student", "critic"}
 
 
 def test_the_shipped_recipes_chain_through_runs_only():

@@ -1,4 +1,4 @@
-"""The stream runtime below the network: generator modes, prompt switching, batching, outbox, pacing."""
+"""The stream runtime below the network: state modes, prompt switching, batching, outbox, pacing."""
 
 from __future__ import annotations
 
@@ -10,27 +10,27 @@ import pytest
 import torch
 
 from stream.batching import commit, denoise, group_plans
-from stream.generator import BlockGenerator, BlockOutput, BlockPlan, v2v_sigmas
+from stream.state import StreamState, BlockOutput, BlockPlan, v2v_sigmas
 from stream.protocol import FrameHeader, StartRequest, unpack_frame
 from stream.session import OutFrame, Outbox, Pacer
 
 
-def _block(generator: BlockGenerator, plan: BlockPlan, decode: bool = True) -> tuple[torch.Tensor, list[BlockOutput]]:
+def _block(state: StreamState, plan: BlockPlan, decode: bool = True) -> tuple[torch.Tensor, list[BlockOutput]]:
     """One block as the engine runs it: denoise, decode part by part, commit, end."""
     clean = denoise([plan], [[0]])[0]
-    parts = list(generator.decode(clean)) if decode else []
+    parts = list(state.decode(clean)) if decode else []
     commit([plan], [[0]], [clean])
-    return clean, parts + [generator.block_end()]
+    return clean, parts + [state.block_end()]
 
 
-def _blocks(generator: BlockGenerator, count: int, decode: bool = True) -> list[torch.Tensor]:
+def _blocks(state: StreamState, count: int, decode: bool = True) -> list[torch.Tensor]:
     with torch.inference_mode():
-        return [_block(generator, generator.plan(), decode)[0] for _ in range(count)]
+        return [_block(state, state.plan(), decode)[0] for _ in range(count)]
 
 
 def test_prompt_switch_changes_the_next_block_only(tiny_pipeline):
     request = StartRequest("t2v", "a red circle moving right", seed=3)
-    switched, same = BlockGenerator(tiny_pipeline, request), BlockGenerator(tiny_pipeline, request)
+    switched, same = StreamState(tiny_pipeline, request), StreamState(tiny_pipeline, request)
     before = _blocks(switched, 2)
     assert all(torch.equal(a, b) for a, b in zip(before, _blocks(same, 2)))
     with torch.inference_mode():
@@ -46,11 +46,11 @@ def test_a_switch_recaches_the_kv_cache_by_default_and_on_request_only(tiny_pipe
     old, new = "a red circle moving right", "a blue square bouncing on gray"
     blocks, events = {}, {}
     for recache in (None, True, False):
-        generator = BlockGenerator(tiny_pipeline, request)
-        _blocks(generator, 2)
+        state = StreamState(tiny_pipeline, request)
+        _blocks(state, 2)
         with torch.inference_mode():
-            generator.switch_prompt(new, interpolate_blocks=0, recache=recache)
-            clean, parts = _block(generator, generator.plan())
+            state.switch_prompt(new, interpolate_blocks=0, recache=recache)
+            clean, parts = _block(state, state.plan())
         blocks[recache] = clean
         events[recache] = dict(e for part in parts for e in part.events)["prompt"]["recache"]
     assert tiny_pipeline.config.switch_recache and events == {None: True, True: True, False: False}  # the preset's
@@ -66,27 +66,27 @@ def test_a_switch_recaches_the_kv_cache_by_default_and_on_request_only(tiny_pipe
 
 
 def test_prompt_interpolation_blends_embeddings_over_blocks(tiny_pipeline):
-    generator = BlockGenerator(tiny_pipeline, StartRequest("t2v", "a red circle", seed=0))
-    old, new = generator.text, tiny_pipeline.encode_prompt("a green triangle")
+    state = StreamState(tiny_pipeline, StartRequest("t2v", "a red circle", seed=0))
+    old, new = state.text, tiny_pipeline.encode_prompt("a green triangle")
     with torch.inference_mode():
-        generator.switch_prompt("a green triangle", interpolate_blocks=2)
+        state.switch_prompt("a green triangle", interpolate_blocks=2)
         texts = []
         for _ in range(4):
-            plan = generator.plan()
+            plan = state.plan()
             texts.append(plan.text)
-            _block(generator, plan)
+            _block(state, plan)
     for text, weight in zip(texts, (1 / 3, 2 / 3, 1.0, 1.0)):
         torch.testing.assert_close(text, torch.lerp(old, new, weight))
-    assert generator.idle_output().events == []  # the "prompt" event went out with the first block
-    assert generator.blocks == 4
+    assert state.idle_output().events == []  # the "prompt" event went out with the first block
+    assert state.blocks == 4
 
 
 def test_i2v_prefills_the_cache_and_decodes_the_image_first(tiny_pipeline):
     image = np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8)  # resized to 32x32
-    generator = BlockGenerator(tiny_pipeline, StartRequest("i2v", "a red circle", image=image))
-    assert generator.rollout.cache.cached_frames == 1 and generator.rollout.frames_done == 1
+    state = StreamState(tiny_pipeline, StartRequest("i2v", "a red circle", image=image))
+    assert state.rollout.cache.cached_frames == 1 and state.rollout.frames_done == 1
     with torch.inference_mode():
-        _, parts = _block(generator, generator.plan())
+        _, parts = _block(state, state.plan())
     k = tiny_pipeline.config.block_frames
     assert [len(part.jpegs) for part in parts] == [1] + [4] * k + [0]  # the image's frame, then the block's
     assert parts[-1].block_end and parts[-1].cached_frames == 1 + k
@@ -96,10 +96,10 @@ def test_frames_are_sent_latent_frame_by_latent_frame_before_the_commit(tiny_pip
     k = tiny_pipeline.config.block_frames
     first_block_frames = 1 + 4 * (k - 1)
     request = StartRequest("t2v", "a red circle", seed=0, max_frames=first_block_frames + 3)
-    generator = BlockGenerator(tiny_pipeline, request)
+    state = StreamState(tiny_pipeline, request)
     with torch.inference_mode():
-        _, first = _block(generator, generator.plan())
-        _, second = _block(generator, generator.plan())
+        _, first = _block(state, state.plan())
+        _, second = _block(state, state.plan())
     # A stream's first latent frame decodes to one pixel frame, every later one to four.
     assert [len(part.jpegs) for part in first] == [1] + [4] * (k - 1) + [0]
     assert [part.first_index for part in first[:-1]] == [0, 1, 5][:k]
@@ -111,25 +111,25 @@ def test_frames_are_sent_latent_frame_by_latent_frame_before_the_commit(tiny_pip
 
 @pytest.mark.parametrize("num_inputs", [13, 11])
 def test_v2v_outputs_one_frame_per_input_frame(tiny_pipeline, num_inputs):
-    generator = BlockGenerator(tiny_pipeline, StartRequest("v2v", "a red circle", strength=0.5))
-    assert generator.sigmas.tolist() == [0.5, 0.25]
+    state = StreamState(tiny_pipeline, StartRequest("v2v", "a red circle", strength=0.5))
+    assert state.sigmas.tolist() == [0.5, 0.25]
     rng = np.random.default_rng(1)
     outputs, arrivals = [], [1000.0 + i for i in range(num_inputs)]
     with torch.inference_mode():
         for start in range(0, num_inputs, 3):  # input arrives in uneven chunks
             chunk = range(start, min(start + 3, num_inputs))
-            generator.feed([rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in chunk], [arrivals[i] for i in chunk])
-            while (plan := generator.plan()) is not None:
-                outputs.extend(_block(generator, plan)[1])
-        assert not generator.is_done()
-        generator.end_input()
-        while (plan := generator.plan()) is not None:
-            outputs.extend(_block(generator, plan)[1])
+            state.feed([rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in chunk], [arrivals[i] for i in chunk])
+            while (plan := state.plan()) is not None:
+                outputs.extend(_block(state, plan)[1])
+        assert not state.is_done()
+        state.end_input()
+        while (plan := state.plan()) is not None:
+            outputs.extend(_block(state, plan)[1])
     origins = [t for out in outputs for t in out.t_origin]
     firsts = [out.first_index for out in outputs]
     assert sum(len(out.jpegs) for out in outputs) == num_inputs
     assert origins == arrivals  # output frame i carries input frame i's arrival time
-    assert firsts == sorted(firsts) and generator.is_done() and generator.idle_output().done
+    assert firsts == sorted(firsts) and state.is_done() and state.idle_output().done
 
 
 def test_v2v_sigmas_follow_strength():
@@ -142,8 +142,8 @@ def test_v2v_sigmas_follow_strength():
 def test_batched_blocks_equal_blocks_generated_alone(tiny_pipeline):
     """Stacked KV caches (through eviction of the rolling window) give each stream its own result."""
     prompts = ["a red circle moving right", "a blue square bouncing on gray"]
-    alone = [BlockGenerator(tiny_pipeline, StartRequest("t2v", p, seed=s)) for s, p in enumerate(prompts)]
-    together = [BlockGenerator(tiny_pipeline, StartRequest("t2v", p, seed=s)) for s, p in enumerate(prompts)]
+    alone = [StreamState(tiny_pipeline, StartRequest("t2v", p, seed=s)) for s, p in enumerate(prompts)]
+    together = [StreamState(tiny_pipeline, StartRequest("t2v", p, seed=s)) for s, p in enumerate(prompts)]
     expected = [_blocks(g, 3, decode=False) for g in alone]
     with torch.inference_mode():
         for block in range(3):
@@ -160,8 +160,8 @@ def test_batched_blocks_equal_blocks_generated_alone(tiny_pipeline):
 
 
 def test_plans_with_different_cache_lengths_are_not_batched(tiny_pipeline):
-    t2v = BlockGenerator(tiny_pipeline, StartRequest("t2v", "a red circle"))
-    i2v = BlockGenerator(tiny_pipeline, StartRequest("i2v", "a red circle", image=np.zeros((32, 32, 3), np.uint8)))
+    t2v = StreamState(tiny_pipeline, StartRequest("t2v", "a red circle"))
+    i2v = StreamState(tiny_pipeline, StartRequest("i2v", "a red circle", image=np.zeros((32, 32, 3), np.uint8)))
     with torch.inference_mode():
         plans = [t2v.plan(), i2v.plan()]
     assert group_plans(plans) == [[0], [1]]

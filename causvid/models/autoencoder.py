@@ -95,11 +95,11 @@ class VideoAutoencoder(torch.nn.Module):
 
     # -- whole clips -------------------------------------------------------------------------
 
-    def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, sample: bool = False, rng: torch.Generator | None = None) -> torch.Tensor:
         """Normalised latents of a clip of 1 + 4k frames (the posterior mode unless `sample`)."""
         num_latent_frames(video.shape[2])
         posterior = self.vae.encode(video.to(self.vae.dtype)).latent_dist
-        z = posterior.sample(generator) if sample else posterior.mode()
+        z = posterior.sample(rng) if sample else posterior.mode()
         return self.normalize(z.float())
 
     def forward(self, video: torch.Tensor, context_frames: int = 0):

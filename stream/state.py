@@ -1,6 +1,6 @@
 """One stream's model state: its rollout (KV cache and RNG), prompt embedding and codec streams.
 
-A `BlockGenerator` is touched only by the engine's model thread. Each block is two calls, so
+A `StreamState` is touched only by the engine's model thread. Each block is two calls, so
 that the engine can batch the denoising of several streams in between:
 `plan()` says what to denoise (text, starting latents, noise levels), the engine denoises it
 (see `stream.batching`), `decode(clean)` yields its JPEG frames latent frame by latent frame,
@@ -36,7 +36,7 @@ from stream.protocol import StartRequest, encode_jpeg
 class BlockPlan:
     """The denoising one stream needs for its next block; plans of equal shape are batched."""
 
-    generator: "BlockGenerator"
+    stream: "StreamState"
     text: torch.Tensor  # [1, L, D]
     noise: torch.Tensor  # [1, C, k, h, w] at noise level sigmas[0]
     sigmas: torch.Tensor
@@ -64,7 +64,7 @@ def v2v_sigmas(student: torch.Tensor, strength: float) -> torch.Tensor:
     return kept if len(kept) else torch.tensor([strength], dtype=student.dtype)
 
 
-class BlockGenerator:
+class StreamState:
     """Generates one stream block by block on a shared pipeline. Model thread only."""
 
     def __init__(self, pipe: CausVidPipeline, request: StartRequest, jpeg_quality: int = 85):
