@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from causvid.checkpoint import CheckpointError, atomic_write_json, read_json
-from causvid.data.shapes import clip_to_tensor
+from causvid.frames import clip_to_tensor, to_uint8
 from causvid.models.autoencoder import VideoAutoencoder
 from causvid.models.denoiser import WanDenoiser
 from causvid.rollout import CausalRollout
@@ -81,12 +81,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
             return torch.float32
         return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
     return torch.float32
-
-
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """[B=1, 3, T, H, W] in [-1, 1] -> uint8 frames [T, H, W, 3]."""
-    frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
 class CausVidPipeline:
@@ -218,19 +212,14 @@ class CausVidPipeline:
         rollout = self.new_rollout(seed, steps, use_kv_cache)
         decoder = self.autoencoder.new_decoder_stream()
         emitted = 0
-
-        def wanted() -> bool:
-            return num_frames is None or emitted < num_frames
-
-        while wanted():
+        while num_frames is None or emitted < num_frames:
             latents = rollout.denoise_block(text)
-            for pixels in self.autoencoder.iter_decode_stream(decoder, latents):
-                for frame in to_uint8(pixels):
-                    if not wanted():
-                        return
+            limit = None if num_frames is None else num_frames - emitted
+            for frames in self.autoencoder.iter_decode_frames(decoder, latents, limit):
+                for frame in frames:
                     emitted += 1
                     yield frame
-            if wanted():
+            if num_frames is None or emitted < num_frames:
                 rollout.commit(latents, text)
 
     def generate(

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from causvid.data.shapes import clip_to_tensor, render_clip, scene_from_json
+from causvid.data.shapes import render_clip, scene_from_json
+from causvid.frames import clip_to_tensor
 from causvid.models.autoencoder import num_latent_frames
 from causvid.models.denoiser import WanDenoiser
 from causvid.rollout import CausalRollout

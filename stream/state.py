@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from causvid.models.autoencoder import TEMPORAL_FACTOR
-from causvid.pipeline import CausVidPipeline, to_uint8
+from causvid.pipeline import CausVidPipeline
 from causvid.schedule import add_noise
 from stream.protocol import StartRequest, encode_jpeg
 
@@ -182,15 +182,8 @@ class StreamState:
         latents = clean if self._prefix is None else torch.cat([self._prefix, clean], dim=2)
         self._prefix = None
         limit = self.inputs if self.mode == "v2v" else self.request.max_frames
-        decoded = self.pipe.autoencoder.iter_decode_stream(self.decoder, latents)
-        # Checked before each latent frame is decoded: past the end of the stream, none is.
-        while limit is None or self.frames < limit:
-            pixels = next(decoded, None)
-            if pixels is None:
-                return
-            frames = to_uint8(pixels)
-            if limit is not None:
-                frames = frames[: limit - self.frames]
+        remaining = None if limit is None else limit - self.frames
+        for frames in self.pipe.autoencoder.iter_decode_frames(self.decoder, latents, remaining):
             if self.mode == "v2v":
                 origins = [self._arrivals.popleft() for _ in frames]
             else:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from causvid.eval.reconstruction import ReconstructionError, format_regions
-from causvid.objectives import edge_distance
+from causvid.data.masks import edge_distance
 
 
 def _square_on_black(low: int, high: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 
 from causvid.cli import main
 from causvid.eval.shapes_bench import default_prompt_set
-from causvid.pipeline import to_uint8
+from causvid.frames import to_uint8
 
 
 def _video(frames: int = 9) -> np.ndarray:

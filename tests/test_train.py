@@ -327,7 +327,7 @@ def test_decoder_only_fine_tuning_keeps_the_encoder_and_its_latent_statistics(tm
 
 
 def test_object_weights_reach_margin_pixels_past_the_object():
-    from causvid.objectives import object_weights
+    from causvid.data.masks import object_weights
 
     video = -torch.ones(1, 3, 2, 16, 16)  # black
     video[:, :, :, 6:9, 6:9] = 1.0  # a 3x3 white object
@@ -341,7 +341,7 @@ def test_object_weights_reach_margin_pixels_past_the_object():
 
 
 def test_latent_object_mask_marks_the_cells_an_object_covers():
-    from causvid.objectives import latent_object_mask
+    from causvid.data.masks import latent_object_mask
 
     video = -torch.ones(1, 3, 5, 32, 32)  # black, 5 frames -> 2 latent frames of 8x8 cells (s=4)
     video[:, :, 0, 0:4, 0:4] = 1.0  # frame 0: object in cell (0, 0)
@@ -357,7 +357,8 @@ def test_latent_object_mask_marks_the_cells_an_object_covers():
 def test_a_bank_saved_without_object_masks_gains_them_without_re_encoding(tmp_path):
     from causvid.checkpoint import atomic_save_tensors, atomic_write_json
     from causvid.data.shapes import ShapesWorld
-    from causvid.objectives import LatentBank, latent_object_mask
+    from causvid.data.latent_bank import LatentBank
+    from causvid.data.masks import latent_object_mask
     from causvid.presets import build_autoencoder
 
     data = {"type": "shapes", "num_frames": 9, "height": 32, "width": 32, "seed": 3}

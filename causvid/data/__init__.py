@@ -1,5 +1,7 @@
 """Datasets: the procedural shapes world and a folder-of-videos dataset."""
 
+import torch
+
 from causvid.data.shapes import (
     BACKGROUNDS,
     COLOURS,
@@ -20,6 +22,20 @@ from causvid.data.shapes import (
 )
 from causvid.data.video_folder import VideoFolderDataset
 
+
+def build_dataset(data: dict) -> torch.utils.data.Dataset:
+    """The dataset a training config names: {"type": "shapes", ...} or {"type": "folder", "root": ...}."""
+    kwargs = {k: v for k, v in data.items() if k != "type"}
+    kind = data.get("type", "shapes")
+    if kind == "shapes":
+        return ShapesWorld(**kwargs)
+    if kind == "folder":
+        from causvid.data.video_folder import VideoFolderDataset
+
+        return VideoFolderDataset(**kwargs)
+    raise ValueError(f"unknown dataset type {kind!r} (expected 'shapes' or 'folder')")
+
+
 __all__ = [
     "BACKGROUNDS",
     "COLOURS",
@@ -31,6 +47,7 @@ __all__ = [
     "SceneSpec",
     "ShapesWorld",
     "VideoFolderDataset",
+    "build_dataset",
     "canonical_caption",
     "is_held_out",
     "random_caption",

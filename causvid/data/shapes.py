@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from causvid.frames import clip_to_tensor
+
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (10, 10, 10),
     "gray": (128, 128, 128),
@@ -528,12 +530,3 @@ class ShapesWorld(torch.utils.data.Dataset):
             item.update(switch_caption=random_caption(after, rng), switch_scene=scene_to_json(after),
                         switch_frame=first)
         return item
-
-
-def clip_to_tensor(clip: np.ndarray) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> float32 [3, T, H, W] in [-1, 1]."""
-    # In numpy: torch's thread pool makes these small element-wise ops slow on a busy CPU.
-    video = np.ascontiguousarray(clip.transpose(3, 0, 1, 2), dtype=np.float32)
-    video /= 127.5
-    video -= 1.0
-    return torch.from_numpy(video)

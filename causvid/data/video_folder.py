@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from causvid.data.shapes import check_num_frames, clip_to_tensor
+from causvid.data.shapes import check_num_frames
+from causvid.frames import clip_to_tensor
 
 if TYPE_CHECKING:
     import av

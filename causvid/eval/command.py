@@ -18,8 +18,8 @@ def autoencoder_round_trip(autoencoder, errors: ReconstructionError):
     """uint8 video -> its reconstruction through `autoencoder`; adds each video's error to `errors`."""
     import torch
 
-    from causvid.data.shapes import clip_to_tensor
-    from causvid.pipeline import to_uint8
+    from causvid.frames import clip_to_tensor
+    from causvid.frames import to_uint8
 
     @torch.no_grad()
     def reconstruct(frames, case=None, seed=None):

@@ -6,8 +6,15 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from causvid.objectives import edge_distance, psnr
+from causvid.data.masks import edge_distance
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two videos in [-1, 1]."""
+    mse = F.mse_loss(a.float().clamp(-1, 1), b.float().clamp(-1, 1)).item() / 4  # range 2 -> 1
+    return 10 * math.log10(1 / max(mse, 1e-12))
 
 
 class ReconstructionError:

@@ -22,7 +22,7 @@ from causvid.data.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, SceneSpec, 
 from causvid.eval.shapes_bench import BenchCase
 from causvid.models.autoencoder import VideoAutoencoder
 from causvid.models.denoiser import WanDenoiser
-from causvid.objectives import latent_object_mask
+from causvid.data.masks import latent_object_mask
 from causvid.schedule import add_noise, velocity_target
 from causvid.text import TextEncoder
 

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from causvid.checkpoint import load_diffusers_model, save_diffusers_model
+from causvid.frames import to_uint8
 
 TEMPORAL_FACTOR = 4
 
@@ -142,13 +144,21 @@ class VideoAutoencoder(torch.nn.Module):
         """
         return self._decode_raw(stream, self.denormalize(latents).to(self.vae.dtype)).float()
 
-    def iter_decode_stream(self, stream: _ConvCache, latents: torch.Tensor) -> Iterator[torch.Tensor]:
-        """`decode_stream`, yielding each latent frame's pixel frames [B, 3, 1 or 4, H, W] once decoded.
+    def iter_decode_frames(self, stream: _ConvCache, latents: torch.Tensor, limit: int | None = None) -> Iterator[np.ndarray]:
+        """`decode_stream` of a one-video batch, yielding each latent frame's uint8 frames [1 or 4, H, W, 3].
 
-        A caller can show them before the next is decoded, and stop early at no cost.
+        A caller shows them before the next latent frame is decoded. At most `limit` frames come
+        out (None: all); a latent frame past the limit is never decoded.
         """
-        for pixels in self._iter_decode_raw(stream, self.denormalize(latents).to(self.vae.dtype)):
-            yield pixels.float()
+        decoded = self._iter_decode_raw(stream, self.denormalize(latents).to(self.vae.dtype))
+        shown = 0
+        while limit is None or shown < limit:
+            pixels = next(decoded, None)
+            if pixels is None:
+                return
+            frames = to_uint8(pixels)[: None if limit is None else limit - shown]
+            shown += len(frames)
+            yield frames
 
     def _iter_decode_raw(self, stream: _ConvCache, z: torch.Tensor) -> Iterator[torch.Tensor]:
         # Un-normalised latents -> pixels, one latent frame at a time through the stream's cache.
