@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from causvid.checkpoint import CheckpointError
+from causvid.errors import UserError
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -26,15 +27,19 @@ def _generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from causvid.pipeline import load_pipeline
+    from causvid.text import check_prompt
     from causvid.video_io import VIDEO_SUFFIXES, write_video
 
     if args.output.suffix.lower() not in VIDEO_SUFFIXES:
-        raise ValueError(f"{args.output}: output must end in {', '.join(VIDEO_SUFFIXES)}")
-    pipe = load_pipeline(args.checkpoint, args.device)
+        raise UserError(f"{args.output}: output must end in {', '.join(VIDEO_SUFFIXES)}")
+    if not args.output.parent.is_dir():
+        raise UserError(f"{args.output}: folder {args.output.parent} does not exist; create it first")
+    prompt = check_prompt(args.prompt)
+    pipe = load_pipeline(args.checkpoint, args.device, with_teacher=args.teacher)
     total = (args.steps or pipe.config.teacher_steps) if args.teacher else args.frames
     with tqdm(total=total, unit="step" if args.teacher else "frame", desc="teacher" if args.teacher else "student") as bar:
         frames = pipe.generate(
-            args.prompt, args.frames, args.seed, steps=args.steps, teacher=args.teacher,
+            prompt, args.frames, args.seed, steps=args.steps, teacher=args.teacher,
             use_kv_cache=not args.no_kv_cache, guidance_scale=args.guidance_scale,
             progress=lambda done: bar.update(done - bar.n),
         )
@@ -71,7 +76,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of every training command (core and distillation): config plus overrides."""
     parser.add_argument("--config", type=Path, required=True, help="YAML training config (configs/*.yaml)")
     parser.add_argument("--out-dir", default=None, help="override the config's out_dir")
-    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
     parser.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 avoids thrashing on a busy machine)")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the trained modules")
@@ -87,7 +92,7 @@ def load_training_config(args: argparse.Namespace):
         compile=args.compile,
     )
     if (Path(config.out_dir) / "latest.json").exists() and not args.resume:
-        raise ValueError(f"{config.out_dir} already holds a run: pass --resume to continue it, or choose --out-dir")
+        raise UserError(f"{config.out_dir} already holds a run: pass --resume to continue it, or choose --out-dir")
     return config
 
 
@@ -97,7 +102,7 @@ def run_training(args: argparse.Namespace, objective: str, objectives: dict) -> 
 
     config = load_training_config(args)
     if config.objective != objective:
-        raise ValueError(f"{args.config} is a {config.objective!r} config, not {objective!r}")
+        raise UserError(f"{args.config} is a {config.objective!r} config, not {objective!r}")
     step = train(config, build_objective(config, objectives))
     print(f"stopped at step {step}; exported to {Path(config.out_dir) / 'export'}")
 
@@ -149,9 +154,9 @@ def _recipe(args: argparse.Namespace) -> None:
 def register(subparsers) -> None:
     """The core's own commands."""
     convert = subparsers.add_parser("convert", help="re-save a pipeline (or single model) directory in another dtype, for shipping")
-    convert.add_argument("source", type=Path)
-    convert.add_argument("destination", type=Path)
-    convert.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    convert.add_argument("source", type=Path, help="pipeline or single-model directory")
+    convert.add_argument("destination", type=Path, help="directory to write")
+    convert.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weights' dtype")
     convert.set_defaults(func=_convert)
 
     recipe = subparsers.add_parser("recipe", help="rebuild an artifact: run a config after every run it reads from")
@@ -166,18 +171,18 @@ def register(subparsers) -> None:
     recipe.set_defaults(func=_recipe)
 
     train = subparsers.add_parser("train", help="train the autoencoder or the bidirectional teacher")
-    train.add_argument("objective", choices=["autoencoder", "teacher"])
+    train.add_argument("objective", choices=["autoencoder", "teacher"], help="what to train (the config must agree)")
     add_training_args(train)
     train.set_defaults(func=_train)
 
     gen = subparsers.add_parser("generate", help="text to video with the causal student (or --teacher)")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", help="what the video shows, e.g. 'a red circle moving right on a black background'")
     gen.add_argument("-o", "--output", type=Path, required=True, help="out.mp4, out.gif or out.npy")
-    gen.add_argument("--frames", type=int, default=33)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--frames", type=int, default=33, help="pixel frames to generate")
+    gen.add_argument("--seed", type=int, default=0, help="noise seed")
     gen.add_argument("--steps", type=int, default=None, help="student steps (default 4) or teacher steps (default 50)")
     gen.add_argument("--teacher", action="store_true", help="sample the bidirectional teacher with CFG")
-    gen.add_argument("--guidance-scale", type=float, default=None)
+    gen.add_argument("--guidance-scale", type=float, default=None, help="teacher CFG scale (default: the pipeline's)")
     gen.add_argument("--no-kv-cache", action="store_true", help="recompute with the full block-causal mask")
     add_checkpoint_args(gen)
     gen.set_defaults(func=_generate)
@@ -185,6 +190,25 @@ def register(subparsers) -> None:
     info = subparsers.add_parser("info", help="config, parameter counts and device of a checkpoint")
     add_checkpoint_args(info)
     info.set_defaults(func=_info)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its help, unless the help already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        shown = action.option_strings and not unset
+        return f"{text} (default: %(default)s)" if shown and "default" not in text else text
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """Every parser below `parser`, depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield child
+                yield from subcommand_parsers(child)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         register(subparsers)  # running from a source tree that was never pip-installed
     for entry in registered.values():
         entry.load()(subparsers)
+    for child in subcommand_parsers(parser):
+        child.formatter_class = HelpFormatter
     return parser
 
 
@@ -202,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as error:
-        print(f"causvid {args.command}: error: {error}", file=sys.stderr)
+    except UserError as error:  # anything else is a bug and keeps its traceback
+        print(f"causvid {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -23,13 +23,15 @@ import numpy as np
 import torch
 
 from causvid.checkpoint import CheckpointError, atomic_write_json, read_json
+from causvid.errors import UserError
 from causvid.frames import clip_to_tensor, to_uint8
 from causvid.models.autoencoder import VideoAutoencoder
 from causvid.models.denoiser import WanDenoiser
 from causvid.rollout import CausalRollout
 from causvid.samplers import guided_velocity, sample_euler, sample_unipc
 from causvid.schedule import add_noise, sigmas_from, student_sigmas, teacher_sigmas
-from causvid.text import TextEncoder, load_text_encoder
+from causvid.text import TextEncoder, check_prompt, load_text_encoder
+
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "shapes"
 
@@ -66,8 +68,17 @@ class PipelineConfig:
         return {"_class_name": "CausVidPipeline", **asdict(self)}
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, checked to exist here; None: cuda if present, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {str(device)!r} is not available: this torch build sees no CUDA GPU; use cpu")
+    return device
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -101,7 +112,7 @@ class CausVidPipeline:
         self.teacher = teacher.eval() if teacher is not None else None
         self.device = next(denoiser.parameters()).device
         if self.denoiser.block_frames != self.config.block_frames:
-            raise ValueError(f"denoiser block_frames {denoiser.block_frames} != config {self.config.block_frames}")
+            raise UserError(f"denoiser block_frames {denoiser.block_frames} != config {self.config.block_frames}")
         self._check_compatible()
 
     def _check_compatible(self) -> None:
@@ -121,17 +132,20 @@ class CausVidPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+        cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+        with_teacher: bool = True,
     ) -> "CausVidPipeline":
+        """Load a pipeline directory; `with_teacher=False` leaves teacher/ unread (the student never uses it)."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint directory not found")
         config = PipelineConfig.from_dict(read_json(path / "model_index.json"))
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         dtype = dtype or default_dtype(device)
         denoiser = WanDenoiser.from_pretrained(path / "transformer", config.block_frames)
         teacher = (
-            WanDenoiser.from_pretrained(path / "teacher", config.block_frames) if (path / "teacher").exists() else None
+            WanDenoiser.from_pretrained(path / "teacher", config.block_frames)
+            if with_teacher and (path / "teacher").exists() else None
         )
         autoencoder = VideoAutoencoder.from_pretrained(path / "vae")
         pipe = cls(denoiser, autoencoder, load_text_encoder(config.text_encoder), config, teacher)
@@ -176,7 +190,7 @@ class CausVidPipeline:
         timesteps = self.config.student_timesteps
         if steps is not None and steps != len(timesteps):
             if steps < 1:
-                raise ValueError(f"steps must be >= 1, got {steps}")
+                raise UserError(f"steps must be >= 1, got {steps}")
             timesteps = [round(1000 * (steps - i) / steps) for i in range(steps)]
         return student_sigmas(timesteps, self.config.shift if self.config.warp_timesteps else None)
 
@@ -208,7 +222,7 @@ class CausVidPipeline:
         committed to the KV cache only after it has been shown. The cache rolls (`sink_frames` +
         `window_frames`), so memory and time per block stay flat.
         """
-        text = self.encode_prompt(prompt)
+        text = self.encode_prompt(check_prompt(prompt))
         rollout = self.new_rollout(seed, steps, use_kv_cache)
         decoder = self.autoencoder.new_decoder_stream()
         emitted = 0
@@ -243,9 +257,10 @@ class CausVidPipeline:
         and motion of `video`, 1.0 keeps nothing. The student's live video-to-video is `stream`'s.
         """
         if num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+            raise UserError(f"num_frames must be >= 1, got {num_frames}")
         if video is not None and not teacher:
-            raise ValueError("starting from a video is for the teacher (teacher=True)")
+            raise UserError("starting from a video is for the teacher (teacher=True)")
+        prompt = check_prompt(prompt)
         if teacher:
             return self._generate_teacher(prompt, num_frames, seed, steps, guidance_scale, progress, video, noise_level)
         frames = []
@@ -269,7 +284,7 @@ class CausVidPipeline:
         sigmas = teacher_sigmas(steps, self.config.shift).to(self.device)
         if video is not None:
             if self.config.teacher_solver != "euler":
-                raise ValueError("starting from a video needs the Euler teacher solver")
+                raise UserError("starting from a video needs the Euler teacher solver")
             sigmas = sigmas_from(sigmas, noise_level)
             start = add_noise(self._encode_video(video, num_frames), start, sigmas[:1])
         velocity = guided_velocity(
@@ -290,13 +305,14 @@ class CausVidPipeline:
         expected = (num_frames, self.config.height, self.config.width, 3)
         if not isinstance(video, np.ndarray) or video.dtype != np.uint8 or video.shape != expected:
             got = f"{video.dtype} {video.shape}" if isinstance(video, np.ndarray) else type(video).__name__
-            raise ValueError(f"video must be uint8 {list(expected)}, got {got}")
+            raise UserError(f"video must be uint8 {list(expected)}, got {got}")
         pixels = clip_to_tensor(video)[None].to(self.device, next(self.autoencoder.parameters()).dtype)
         return self.autoencoder.encode(pixels)
 
 
 def load_pipeline(
-    path: str | Path | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    path: str | Path | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+    with_teacher: bool = True,
 ) -> CausVidPipeline:
     """Load a pipeline directory (default: the shipped checkpoint) onto `device` (default: cuda if present)."""
-    return CausVidPipeline.from_pretrained(path or DEFAULT_CHECKPOINT, device, dtype)
+    return CausVidPipeline.from_pretrained(path or DEFAULT_CHECKPOINT, device, dtype, with_teacher)

@@ -11,10 +11,12 @@ import copy
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
+from causvid.errors import UserError
 from causvid.models.autoencoder import VideoAutoencoder
 from causvid.models.denoiser import WanDenoiser
 from causvid.pipeline import CausVidPipeline, PipelineConfig
 from causvid.text import TextEncoder, load_text_encoder
+
 
 PRESETS: dict[str, dict] = {
     # Fast enough for unit tests on 2 cores: 32x32 pixels, 8x8 latents, 16 tokens per frame.
@@ -48,7 +50,7 @@ PRESETS: dict[str, dict] = {
 
 def preset(name: str) -> dict:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+        raise UserError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
     return copy.deepcopy(PRESETS[name])
 
 

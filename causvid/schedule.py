@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from causvid.errors import UserError
+
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -58,7 +61,7 @@ def teacher_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
 def sigmas_from(sigmas: torch.Tensor, start: float) -> torch.Tensor:
     """The part of a decreasing schedule below `start`, beginning at `start` (SDEdit's truncation)."""
     if not 0.0 < start <= float(sigmas[0]):
-        raise ValueError(f"start noise level must lie in (0, {float(sigmas[0])}], got {start}")
+        raise UserError(f"start noise level must lie in (0, {float(sigmas[0])}], got {start}")
     below = sigmas[sigmas < start]
     return torch.cat([sigmas.new_tensor([start]), below])
 
@@ -69,8 +72,8 @@ def student_sigmas(timesteps: list[int] | tuple[int, ...], shift: float | None =
     With `shift`, the levels are warped through the shifted schedule, as the teacher saw them.
     """
     if not timesteps or any(not 0 < t <= NUM_TRAIN_TIMESTEPS for t in timesteps):
-        raise ValueError(f"student timesteps must lie in (0, {NUM_TRAIN_TIMESTEPS}], got {list(timesteps)}")
+        raise UserError(f"student timesteps must lie in (0, {NUM_TRAIN_TIMESTEPS}], got {list(timesteps)}")
     if list(timesteps) != sorted(timesteps, reverse=True):
-        raise ValueError(f"student timesteps must decrease, got {list(timesteps)}")
+        raise UserError(f"student timesteps must decrease, got {list(timesteps)}")
     sigma = torch.tensor(timesteps, dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
     return (sigma if shift is None else shift_sigma(sigma, shift)).float()

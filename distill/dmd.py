@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from causvid.data.shapes import render_clip, scene_from_json
+from causvid.errors import UserError
 from causvid.frames import clip_to_tensor
 from causvid.models.autoencoder import num_latent_frames
 from causvid.models.denoiser import WanDenoiser
@@ -124,24 +125,24 @@ class DMDObjective(StudentObjective):
     ):
         super().__init__(config, teacher, sample_cases, sample_frames)
         if student_input not in ("causvid", "self_forcing"):
-            raise ValueError(f"student_input must be 'causvid' or 'self_forcing', got {student_input!r}")
+            raise UserError(f"student_input must be 'causvid' or 'self_forcing', got {student_input!r}")
         if student_every < 1:
-            raise ValueError(f"student_every must be >= 1, got {student_every}")
+            raise UserError(f"student_every must be >= 1, got {student_every}")
         wanted = "ode_pairs" if student_input == "causvid" else "prompts"
         if self.config.data.get("type", "ode_pairs") != wanted:
-            raise ValueError(f"student_input {student_input!r} needs data of type {wanted!r}")
+            raise UserError(f"student_input {student_input!r} needs data of type {wanted!r}")
         self.student_input = student_input
         self.student_every = student_every
         self.latent_frames = num_latent_frames(num_frames)
         window_blocks = -(-self.latent_frames // self.pipeline_config.block_frames)
         self.rollout_blocks = window_blocks if rollout_blocks is None else rollout_blocks
         if self.rollout_blocks < window_blocks:
-            raise ValueError(f"rollout_blocks ({self.rollout_blocks}) must cover the judged window ({window_blocks} blocks)")
+            raise UserError(f"rollout_blocks ({self.rollout_blocks}) must cover the judged window ({window_blocks} blocks)")
         if student_input != "self_forcing" and (rollout_blocks is not None or switch_probability or image_probability):
-            raise ValueError("rollout_blocks, switch_probability and image_probability need student_input 'self_forcing'")
+            raise UserError("rollout_blocks, switch_probability and image_probability need student_input 'self_forcing'")
         for name, value in (("switch_probability", switch_probability), ("image_probability", image_probability)):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+                raise UserError(f"{name} must be in [0, 1], got {value}")
         self.window_blocks = window_blocks
         self.switch_probability = switch_probability
         self.image_probability = image_probability

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from causvid.errors import UserError
 from causvid.schedule import x0_from_velocity
 from distill.ode_pairs import OdePairs
 from distill.student import StudentObjective, block_levels, build_dataset
@@ -40,12 +41,12 @@ class OdeInitObjective(StudentObjective):
     def __init__(self, config, teacher: str, sample_cases: int = 4, sample_frames: int = 33):
         super().__init__(config, teacher, sample_cases, sample_frames)
         if self.config.data.get("type", "ode_pairs") != "ode_pairs":
-            raise ValueError("ode_init trains on ODE pairs: data must be {type: ode_pairs, root: DIR}")
+            raise UserError("ode_init trains on ODE pairs: data must be {type: ode_pairs, root: DIR}")
         self.pairs: OdePairs = build_dataset(self.config.data)
         self.sigmas = self.pairs.sigmas  # the stored levels: the student's, then 0
         expected = self.teacher_pipeline.student_sigmas()
         if self.sigmas[:-1].shape != expected.shape or not torch.allclose(self.sigmas[:-1], expected, atol=1e-6):
-            raise ValueError(f"{self.pairs.root}: pairs hold levels {self.sigmas[:-1].tolist()}, "
+            raise UserError(f"{self.pairs.root}: pairs hold levels {self.sigmas[:-1].tolist()}, "
                              f"but the student samples at {expected.tolist()}")
         self.student = self.load_student()
 

@@ -22,7 +22,6 @@ import torch
 from safetensors import safe_open
 
 from causvid.checkpoint import atomic_save_tensors, atomic_write_json, read_json
-from causvid.errors import UserError
 from causvid.data.shapes import (
     SWITCH_ATTRIBUTES,
     random_caption,
@@ -31,11 +30,13 @@ from causvid.data.shapes import (
     scene_to_json,
     switched_scene,
 )
+from causvid.errors import UserError
 from causvid.models.autoencoder import num_latent_frames
 from causvid.pipeline import CausVidPipeline
 from causvid.recipe import load_config_file
 from causvid.samplers import VelocityFn, guided_velocity, sample_euler
 from causvid.schedule import teacher_sigmas
+
 
 MANIFEST = "manifest.json"
 
@@ -66,9 +67,9 @@ class OdePairsConfig:
         data.update({k: v for k, v in overrides.items() if v is not None})
         config = cls(**data)
         if config.teacher is None or config.out is None:
-            raise ValueError("ode-pairs needs a teacher and an output directory (--teacher, --out or the config)")
+            raise UserError("ode-pairs needs a teacher and an output directory (--teacher, --out or the config)")
         if config.num < 1 or config.batch < 1 or config.shard_size < 1:
-            raise ValueError(f"num, batch and shard_size must be >= 1, got {config.num}, {config.batch}, {config.shard_size}")
+            raise UserError(f"num, batch and shard_size must be >= 1, got {config.num}, {config.batch}, {config.shard_size}")
         return config
 
 
@@ -146,7 +147,7 @@ def generate_ode_pairs(config: OdePairsConfig, pipe: CausVidPipeline, resume: bo
     from tqdm import tqdm
 
     if pipe.teacher is None:
-        raise ValueError(f"{config.teacher}: the pipeline has no teacher/ to sample")
+        raise UserError(f"{config.teacher}: the pipeline has no teacher/ to sample")
     state = PartialState()
     out = Path(config.out)
     channels, height, width = pipe.latent_shape
@@ -158,11 +159,11 @@ def generate_ode_pairs(config: OdePairsConfig, pipe: CausVidPipeline, resume: bo
     # Every process checks before any writes (so all fail alike), then the main one writes.
     if (out / MANIFEST).exists():
         if not resume:
-            raise ValueError(f"{out} already holds ODE pairs: pass --resume to complete them, or choose --out")
+            raise UserError(f"{out} already holds ODE pairs: pass --resume to complete them, or choose --out")
         existing = read_json(out / MANIFEST)
         changed = sorted(k for k in manifest if k != "teacher" and existing.get(k) != manifest[k])
         if changed:
-            raise ValueError(f"{out}: existing pairs were made with different settings ({', '.join(changed)})")
+            raise UserError(f"{out}: existing pairs were made with different settings ({', '.join(changed)})")
     state.wait_for_everyone()
     if state.is_main_process:
         atomic_write_json(out / MANIFEST, manifest)
@@ -211,7 +212,7 @@ class OdePairs(torch.utils.data.Dataset):
         self.sigmas = torch.tensor(self.manifest["sigmas"])
         self.shards = sorted(self.root.glob("shard-*.safetensors"))
         if not self.shards:
-            raise ValueError(f"{self.root}: no complete ODE-pair shards (run `causvid distill ode-pairs` first)")
+            raise UserError(f"{self.root}: no complete ODE-pair shards (run `causvid distill ode-pairs` first)")
         self.rows: list[tuple[int, int]] = []
         self.prompts: list[str] = []
         for number, path in enumerate(self.shards):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from causvid.errors import UserError
 from causvid.eval.shapes_bench import METRICS, contact_sheet, default_prompt_set
 from causvid.models.denoiser import WanDenoiser
 from causvid.pipeline import CausVidPipeline, load_pipeline
@@ -40,11 +41,11 @@ def build_dataset(data: dict) -> torch.utils.data.Dataset:
     kind = data.get("type", "ode_pairs")
     if kind == "ode_pairs":
         if "root" not in data:
-            raise ValueError("data: {type: ode_pairs} needs a root (the `causvid distill ode-pairs` output)")
+            raise UserError("data: {type: ode_pairs} needs a root (the `causvid distill ode-pairs` output)")
         return OdePairs(data["root"])
     if kind == "prompts":
         return TrainingPrompts(data.get("seed", 0))
-    raise ValueError(f"unknown dataset type {kind!r} (expected 'ode_pairs' or 'prompts')")
+    raise UserError(f"unknown dataset type {kind!r} (expected 'ode_pairs' or 'prompts')")
 
 
 def block_levels(batch: int, frames: int, block_frames: int, num_levels: int, rng: torch.Generator) -> torch.Tensor:
@@ -67,7 +68,7 @@ class StudentObjective(Objective):
         self.config = config
         pipe = load_pipeline(teacher, "cpu", torch.float32)
         if pipe.teacher is None:
-            raise ValueError(f"{teacher}: the pipeline has no teacher/ to distil")
+            raise UserError(f"{teacher}: the pipeline has no teacher/ to distil")
         self.teacher_dir = Path(teacher)
         self.teacher_pipeline = pipe  # its config and student_sigmas() are the student's too
         self.pipeline_config = pipe.config

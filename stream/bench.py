@@ -20,11 +20,13 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from causvid.errors import UserError
 from causvid.models.autoencoder import num_latent_frames
 from causvid.pipeline import CausVidPipeline, load_pipeline
 from causvid.samplers import guided_velocity
 from stream.client import Frame, StreamClient, percentiles, record_async
 from stream.server import ServerConfig, StreamServer
+
 
 DEFAULT_PROMPTS = ("a red circle moving right on a black background", "a blue square bouncing on gray")
 
@@ -208,7 +210,7 @@ def bench_pipeline(pipe: CausVidPipeline, seconds: float = 10.0, clients: tuple[
     """
     single_seconds = seconds if single_seconds is None else single_seconds
     if min(seconds, single_seconds) <= 0 or not clients or min(clients) < 1 or teacher_frames < 1:
-        raise ValueError("seconds, clients and teacher frames must be positive")
+        raise UserError("seconds, clients and teacher frames must be positive")
     num_latent_frames(teacher_frames)  # 1 + 4k, checked before the long part of the run
     record = {
         "bench": "stream",

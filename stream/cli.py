@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 from causvid.cli import add_checkpoint_args
+from causvid.errors import UserError
+from causvid.text import check_prompt
+
+# Frames a text- or image-to-video recording keeps by default; video-to-video follows its input.
+DEFAULT_CLIENT_FRAMES = 33
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -18,9 +25,11 @@ def _serve(args: argparse.Namespace) -> None:
     from stream.server import ServerConfig
 
     if args.max_sessions < 1:
-        raise ValueError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+        raise UserError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be 0-65535 (0 picks a free port), got {args.port}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    pipe = load_pipeline(args.checkpoint, args.device)
+    pipe = load_pipeline(args.checkpoint, args.device, with_teacher=False)
     config = ServerConfig(
         host=args.host, port=args.port, max_sessions=args.max_sessions, token=args.token, model_threads=args.threads,
         allowed_origins=tuple(args.allow_origin), max_queue_frames=args.max_queue_frames,
@@ -44,25 +53,34 @@ async def _serve_until_signal(pipe, config) -> None:
 
 def _client(args: argparse.Namespace) -> None:
     from stream.client import record
-    from stream.protocol import Limits, decode_image
+    from stream.protocol import Limits, ProtocolError, decode_image
 
+    if args.output is None and not args.no_output:
+        raise UserError("give -o OUT.mp4 to record the stream, or --no-output to only measure it")
+    if args.output is not None:
+        if args.output.suffix.lower() != ".mp4":
+            raise UserError(f"{args.output}: the client records .mp4")
+        if not args.output.parent.is_dir():
+            raise UserError(f"{args.output}: folder {args.output.parent} does not exist; create it first")
     image = video = None
     if args.image is not None:
         if not args.image.is_file():
-            raise FileNotFoundError(f"{args.image}: file not found")
-        image = decode_image(args.image.read_bytes(), Limits())
+            raise UserError(f"{args.image}: file not found")
+        try:
+            image = decode_image(args.image.read_bytes(), Limits())
+        except ProtocolError as error:
+            raise UserError(f"{args.image}: {error}") from None
     if args.video is not None:
         from causvid.video_io import read_video
 
         video = read_video(args.video)[: args.frames]
-    if args.output is not None and args.output.suffix.lower() != ".mp4":
-        raise ValueError(f"{args.output}: the client records .mp4")
     switch = (args.switch_at[0], args.switch_at[1]) if args.switch_at else None
     options = {k: v for k, v in (("steps", args.steps), ("strength", args.strength)) if v is not None}
-    stats = record(
-        args.url, args.prompt, args.output, frames=args.frames, seed=args.seed, switch_at=switch,
-        image=image, video=video, token=args.token, pacing=args.pacing, **options,
-    )
+    with _server_errors(args.url):
+        stats = record(
+            args.url, check_prompt(args.prompt), args.output, frames=args.frames or DEFAULT_CLIENT_FRAMES,
+            seed=args.seed, switch_at=switch, image=image, video=video, token=args.token, pacing=args.pacing, **options,
+        )
     if args.output is not None:
         print(f"wrote {args.output}: {stats.frames} frames")
     latency = stats.latency_ms
@@ -70,10 +88,34 @@ def _client(args: argparse.Namespace) -> None:
           f"latency p50 {latency['p50']:.0f} ms p95 {latency['p95']:.0f} ms, dropped {stats.dropped}")
 
 
+@contextlib.contextmanager
+def _server_errors(url: str) -> Iterator[None]:
+    """What goes wrong between the client and a server, as one line each."""
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+    from stream.client import StreamError
+
+    try:
+        yield
+    except InvalidURI:
+        raise UserError(f"{url}: not a websocket URL; use ws://HOST:PORT/ws (wss:// behind TLS)") from None
+    except InvalidHandshake as error:
+        raise UserError(f"{url}: the server refused the connection ({error})") from None
+    except StreamError as error:
+        raise UserError(f"the server reported {error}") from None
+    except ConnectionClosed as error:
+        raise UserError(f"{url}: the server closed the connection ({error})") from None
+    except TimeoutError:
+        raise UserError(f"{url}: the server stopped answering (timed out)") from None
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise UserError(f"cannot connect to {url}: {reason}; is `causvid serve` running there?") from None
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
         if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
+            raise UserError(f"--threads must be >= 1, got {threads}")
         import torch
 
         torch.set_num_threads(threads)
@@ -122,7 +164,7 @@ def register(subparsers) -> None:
     serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                        help="allow browser pages from this origin too (repeatable; '*' for any)")
     serve.add_argument("--max-queue-frames", type=int, default=32, help="frames queued per client before dropping")
-    serve.add_argument("--max-message-bytes", type=int, default=2 * 2**20)
+    serve.add_argument("--max-message-bytes", type=int, default=2 * 2**20, help="largest client message accepted")
     serve.add_argument("--no-batching", action="store_true", help="one forward pass per stream")
     serve.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads for the model (default: all cores but one, left to the event loop)")
@@ -131,18 +173,21 @@ def register(subparsers) -> None:
 
     client = subparsers.add_parser("client", help="record a stream from a server into an mp4")
     client.add_argument("url", help="ws://HOST:PORT/ws")
-    client.add_argument("--prompt", required=True)
-    client.add_argument("-o", "--output", type=Path, default=None, help="out.mp4")
-    client.add_argument("--frames", type=int, default=33, help="frames to record (v2v: at most this many inputs)")
-    client.add_argument("--seed", type=int, default=0)
+    client.add_argument("--prompt", required=True, help="what the stream shows")
+    client.add_argument("-o", "--output", type=Path, default=None, help="record the stream into this .mp4")
+    client.add_argument("--no-output", action="store_true", help="record nothing, only print the stream's statistics")
+    client.add_argument("--frames", type=int, default=None,
+                        help=f"frames to record (default: {DEFAULT_CLIENT_FRAMES}; v2v: every input frame, or the first N)")
+    client.add_argument("--seed", type=int, default=0, help="noise seed")
     client.add_argument("--switch-at", nargs=2, metavar=("FRAME", "PROMPT"), action=_SwitchAction, default=None,
                         help="switch to PROMPT once FRAME frames have arrived")
     client.add_argument("--image", type=Path, default=None, help="image to video from this image")
     client.add_argument("--video", type=Path, default=None, help="video to video from this file")
     client.add_argument("--strength", type=float, default=None, help="v2v noise level (default 0.5)")
-    client.add_argument("--steps", type=int, default=None)
-    client.add_argument("--pacing", choices=("realtime", "fast"), default="realtime")
-    client.add_argument("--token", default=None)
+    client.add_argument("--steps", type=int, default=None, help="student steps per block (default: the server's)")
+    client.add_argument("--pacing", choices=("realtime", "fast"), default="realtime",
+                        help="realtime: the server paces frames at the video's fps; fast: as soon as made")
+    client.add_argument("--token", default=None, help="the server's --token, if it has one")
     client.set_defaults(func=_client)
 
     bench = subparsers.add_parser("bench", help="benchmarks")
@@ -168,7 +213,7 @@ def register(subparsers) -> None:
     live.add_argument("--switch-seconds", type=float, default=6.0, help="time on each prompt of the switch chain")
     live.add_argument("--i2v-seconds", type=float, default=20.0, help="length of each image-to-video stream")
     live.add_argument("--segment-seconds", type=float, default=10.0, help="scored segment length")
-    live.add_argument("--seed", type=int, default=0)
+    live.add_argument("--seed", type=int, default=0, help="noise seed of every stream")
     live.add_argument("--recache", choices=("on", "off"), default=None,
                       help="KV re-cache on the chain's switches (default: the model's switch_recache)")
     live.add_argument("--sheet", type=Path, default=None, help="write a contact sheet (PNG) here")

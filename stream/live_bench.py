@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from causvid.data.shapes import ObjectSpec, SceneSpec, block_first_frame, canonical_caption, render_clip
+from causvid.errors import UserError
 from causvid.eval.shapes_bench import analyze_video, contact_sheet, frame_checks
 from causvid.pipeline import CausVidPipeline, load_pipeline
 from stream.client import Frame, StreamClient, StreamError
 from stream.server import ServerConfig, StreamServer
+
 
 SCORES = ("colour", "shape", "direction", "background_consistency")
 LONG_SCENES = (
@@ -201,13 +203,13 @@ def run_live_bench(checkpoint: str | Path | None = None, device: str | None = No
     `recache` sets how the chain's switches treat the KV cache (None: the model's default).
     """
     if min(seconds, switch_seconds, i2v_seconds, segment_seconds) <= 0 or not 1 <= num_long <= len(LONG_SCENES):
-        raise ValueError(f"durations must be positive and num_long in 1..{len(LONG_SCENES)}")
+        raise UserError(f"durations must be positive and num_long in 1..{len(LONG_SCENES)}")
     if segment_seconds > min(seconds, i2v_seconds):
-        raise ValueError(f"segment_seconds ({segment_seconds}) must fit in the streams ({min(seconds, i2v_seconds)} s)")
-    pipe = load_pipeline(checkpoint, device)
+        raise UserError(f"segment_seconds ({segment_seconds}) must fit in the streams ({min(seconds, i2v_seconds)} s)")
+    pipe = load_pipeline(checkpoint, device, with_teacher=False)
     fps, k = pipe.config.fps, pipe.config.block_frames
     if round(switch_seconds * fps) < 2 * 4 * k + fps:
-        raise ValueError(f"switch_seconds must give each prompt two blocks and a second more "
+        raise UserError(f"switch_seconds must give each prompt two blocks and a second more "
                          f"({(2 * 4 * k + fps) / fps:g} s), got {switch_seconds}")
     record = {
         "bench": "live",

@@ -19,6 +19,9 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
+from causvid.errors import UserError
+from causvid.text import MAX_PROMPT_CHARS, check_prompt
+
 MODES = ("t2v", "i2v", "v2v")
 PACINGS = ("realtime", "fast")
 
@@ -43,7 +46,7 @@ class Limits:
     """What one client may send. The defaults suit a public demo on a small machine."""
 
     max_message_bytes: int = 2 * 2**20  # larger messages get a "too_large" error and are dropped
-    max_prompt_chars: int = 500
+    max_prompt_chars: int = MAX_PROMPT_CHARS
     max_image_side: int = 4096  # uploads are resized to the model's size; this bounds decoding work
     max_seed: int = 2**63 - 1
     max_steps: int = 8
@@ -130,12 +133,10 @@ def _integer(data: dict, name: str, low: int, high: int, default: int | None) ->
 
 
 def _prompt(data: dict, limits: Limits) -> str:
-    prompt = _field(data, "prompt", str, required=True).strip()
-    if not prompt:
-        raise ProtocolError("bad_prompt", "prompt is empty")
-    if len(prompt) > limits.max_prompt_chars:
-        raise ProtocolError("bad_prompt", f"prompt has {len(prompt)} characters, the limit is {limits.max_prompt_chars}")
-    return prompt
+    try:
+        return check_prompt(_field(data, "prompt", str, required=True), limits.max_prompt_chars)
+    except UserError as error:
+        raise ProtocolError("bad_prompt", str(error)) from None
 
 
 def decode_image(data: bytes, limits: Limits) -> np.ndarray:
@@ -203,6 +204,8 @@ def parse_message(raw: str | bytes, limits: Limits) -> Message:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise ProtocolError("bad_json", f"message is not valid JSON: {error}") from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise ProtocolError("bad_json", "message nests too deeply") from None
     if not isinstance(data, dict):
         raise ProtocolError("bad_message", "message must be a JSON object")
     kind = data.get("type")

@@ -9,10 +9,12 @@ capacity failures close the connection.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import itertools
 import json
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,14 +28,15 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from causvid.errors import UserError
 from causvid.pipeline import CausVidPipeline
 from stream.engine import Engine
 from stream.protocol import (
     Auth,
     EndInput,
     Limits,
-    ProtocolError,
     PromptSwitch,
+    ProtocolError,
     StartRequest,
     Stop,
     check_size,
@@ -43,6 +46,7 @@ from stream.protocol import (
     parse_message,
 )
 from stream.session import Outbox, Session
+
 
 log = logging.getLogger("stream.server")
 
@@ -77,9 +81,9 @@ class StreamServer:
         self.config = config or ServerConfig()
         block = 1 + 4 * pipe.config.block_frames  # the most frames one block queues at once
         if self.config.model_threads is not None and self.config.model_threads < 1:
-            raise ValueError(f"model_threads must be >= 1, got {self.config.model_threads}")
+            raise UserError(f"model_threads must be >= 1, got {self.config.model_threads}")
         if self.config.max_queue_frames < block:
-            raise ValueError(f"max_queue_frames must hold a whole block ({block} frames), got {self.config.max_queue_frames}")
+            raise UserError(f"max_queue_frames must hold a whole block ({block} frames), got {self.config.max_queue_frames}")
         self.engine = Engine(pipe, self.config.batching, self.config.jpeg_quality)
         self.connections: set[ServerConnection] = set()
         self._threads_before: int | None = None
@@ -95,17 +99,33 @@ class StreamServer:
             torch.set_num_threads(self.config.model_threads or max(1, self._threads_before - 1))
         self.engine.start()
         limit = self.config.limits.max_message_bytes
-        self._server = await serve(
-            self._handle, self.config.host, self.config.port,
-            process_request=self._process_request,
-            # Messages up to twice our limit are read and refused with an error event; beyond
-            # that the library closes the connection (1009) without buffering them.
-            max_size=2 * limit + 1024,
-            max_queue=16,
-            write_limit=self.config.write_limit,
-            compression=None,  # JPEG does not compress; deflate would only cost CPU
-        )
+        try:
+            self._server = await serve(
+                self._handle, self.config.host, self.config.port,
+                process_request=self._process_request,
+                # Messages up to twice our limit are read and refused with an error event; beyond
+                # that the library closes the connection (1009) without buffering them.
+                max_size=2 * limit + 1024,
+                max_queue=16,
+                write_limit=self.config.write_limit,
+                compression=None,  # JPEG does not compress; deflate would only cost CPU
+            )
+        except OSError as error:
+            await self.close()
+            raise UserError(self._bind_error(error)) from None
         return self
+
+    def _bind_error(self, error: OSError) -> str:
+        where = f"{self.config.host}:{self.config.port}"
+        if isinstance(error, socket.gaierror):
+            return f"cannot resolve host {self.config.host!r}; use an address such as 127.0.0.1"
+        if error.errno == errno.EADDRINUSE:
+            return f"cannot listen on {where}: the port is in use; choose another --port (0 picks a free one)"
+        if error.errno == errno.EACCES:
+            return f"cannot listen on {where}: permission denied (ports below 1024 need privileges); use a port >= 1024"
+        if error.errno == errno.EADDRNOTAVAIL:
+            return f"cannot listen on {where}: {self.config.host} is not an address of this machine"
+        return f"cannot listen on {where}: {error.strerror or error}"
 
     async def __aexit__(self, *exc) -> None:
         await self.close()

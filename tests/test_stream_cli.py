@@ -45,7 +45,7 @@ def test_client_video_to_video_keeps_the_frame_count(server, tmp_path, capsys):
 
 
 def test_client_errors_are_one_line(server, tmp_path, capsys):
-    assert main(["client", server.ws_url, "--prompt", "x", "--image", str(tmp_path / "missing.png")]) == 2
+    assert main(["client", server.ws_url, "--prompt", "x", "--image", str(tmp_path / "missing.png"), "--no-output"]) == 2
     assert "missing.png: file not found" in capsys.readouterr().err
     assert main(["client", server.ws_url, "--prompt", "x", "-o", str(tmp_path / "out.avi")]) == 2
 

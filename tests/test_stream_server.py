@@ -140,6 +140,7 @@ def test_bad_messages_get_error_events_and_everyone_keeps_being_served(tiny_pipe
     huge = base64.b64encode(_png(2000, 1)).decode()
     cases = [
         ("{not json", "bad_json"),
+        ("[" * 20_000 + "]" * 20_000, "bad_json"),  # nested past the parser's recursion limit
         ('{"type": "dance"}', "unknown_type"),
         ("[1, 2]", "bad_message"),
         ('{"type": "start", "prompt": "x", "seed": "abc"}', "bad_message"),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from causvid.data.video_folder import VideoFolderDataset
+from causvid.errors import UserError
 
 NUM_SOURCE_FRAMES = 20
 
@@ -86,13 +87,13 @@ def test_csv_captions(folder, tmp_path):
 
 
 def test_missing_caption_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="captions.jsonl"):
+    with pytest.raises(UserError, match="captions.jsonl"):
         VideoFolderDataset(tmp_path)
 
 
 def test_caption_naming_a_missing_video(tmp_path):
     (tmp_path / "captions.jsonl").write_text('{"file": "gone.mp4", "caption": "x"}\n')
-    with pytest.raises(FileNotFoundError, match="gone.mp4"):
+    with pytest.raises(UserError, match="gone.mp4"):
         VideoFolderDataset(tmp_path)
 
 

@@ -21,6 +21,7 @@ from causvid.data.shapes import (
     scene_to_json,
 )
 from causvid.data.video_folder import VideoFolderDataset
+from causvid.errors import UserError
 
 
 def build_dataset(data: dict) -> torch.utils.data.Dataset:
@@ -33,7 +34,7 @@ def build_dataset(data: dict) -> torch.utils.data.Dataset:
         from causvid.data.video_folder import VideoFolderDataset
 
         return VideoFolderDataset(**kwargs)
-    raise ValueError(f"unknown dataset type {kind!r} (expected 'shapes' or 'folder')")
+    raise UserError(f"unknown dataset type {kind!r} (expected 'shapes' or 'folder')")
 
 
 __all__ = [

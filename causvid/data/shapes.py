@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from causvid.errors import UserError
 from causvid.frames import clip_to_tensor
+
 
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (10, 10, 10),
@@ -92,24 +94,24 @@ class SceneSpec:
     def __post_init__(self) -> None:
         _check_choice("background", self.background, BACKGROUNDS)
         if not self.objects:
-            raise ValueError("a scene needs at least one object")
+            raise UserError("a scene needs at least one object")
         colours = [obj.colour for obj in self.objects]
         if len(set(colours)) != len(colours):
-            raise ValueError(f"object colours must be distinct, got {colours}")
+            raise UserError(f"object colours must be distinct, got {colours}")
         for obj in self.objects:
             if COLOURS[obj.colour] == BACKGROUNDS[self.background]:
-                raise ValueError(f"a {obj.colour} object is invisible on a {self.background} background")
+                raise UserError(f"a {obj.colour} object is invisible on a {self.background} background")
 
 
 def _check_choice(attribute: str, value: str, allowed: Collection[str]) -> None:
     if value not in allowed:
-        raise ValueError(f"unknown {attribute} {value!r}; expected one of {tuple(allowed)}")
+        raise UserError(f"unknown {attribute} {value!r}; expected one of {tuple(allowed)}")
 
 
 def check_num_frames(num_frames: int) -> None:
     """Clips have 1 + 4k frames (the video autoencoder compresses time by 4)."""
     if num_frames < 1 or num_frames % 4 != 1:
-        raise ValueError(f"num_frames must be 1 + 4k (e.g. 17, 33), got {num_frames}")
+        raise UserError(f"num_frames must be 1 + 4k (e.g. 17, 33), got {num_frames}")
 
 
 def is_held_out(obj: ObjectSpec) -> bool:
@@ -153,18 +155,18 @@ def restricted_values(
     values = dict(ATTRIBUTE_VALUES)
     for attribute, allowed in (restrict or {}).items():
         if attribute not in values:
-            raise ValueError(f"cannot restrict {attribute!r}; expected one of {tuple(values)}")
+            raise UserError(f"cannot restrict {attribute!r}; expected one of {tuple(values)}")
         if isinstance(allowed, str) or not allowed:
-            raise ValueError(f"restrict[{attribute!r}] must be a non-empty list of values, got {allowed!r}")
+            raise UserError(f"restrict[{attribute!r}] must be a non-empty list of values, got {allowed!r}")
         for value in allowed:
             _check_choice(attribute, value, values[attribute])
         values[attribute] = tuple(v for v in values[attribute] if v in allowed)  # keep the canonical order
     for background in values["background"]:
         if all(COLOURS[colour] == BACKGROUNDS[background] for colour in values["colour"]):
-            raise ValueError(f"no allowed object colour is visible on a {background} background")
+            raise UserError(f"no allowed object colour is visible on a {background} background")
     combinations = itertools.product(values["colour"], values["shape"], values["motion"])
     if not include_held_out and all(combination in HELD_OUT for combination in combinations):
-        raise ValueError("every allowed (colour, shape, motion) is held out; set include_held_out to draw them")
+        raise UserError("every allowed (colour, shape, motion) is held out; set include_held_out to draw them")
     return values
 
 
@@ -180,7 +182,7 @@ def sample_scene(
     """
     # Seven colours are always visible on a background, and object colours must differ.
     if not 1 <= max_objects <= len(COLOURS) - 1:
-        raise ValueError(f"max_objects must be between 1 and {len(COLOURS) - 1}, got {max_objects}")
+        raise UserError(f"max_objects must be between 1 and {len(COLOURS) - 1}, got {max_objects}")
     values = restricted_values(restrict, include_held_out)
     background = str(rng.choice(list(values["background"])))
     num_objects = int(rng.integers(1, max_objects + 1))
@@ -231,10 +233,10 @@ def render_segments(
     """
     check_num_frames(num_frames)
     if min(height, width) < 16:
-        raise ValueError(f"resolution must be at least 16x16, got {height}x{width}")
+        raise UserError(f"resolution must be at least 16x16, got {height}x{width}")
     starts = [first for _, first in segments]
     if not segments or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= num_frames:
-        raise ValueError(f"segment first frames must start at 0 and increase within {num_frames} frames, got {starts}")
+        raise UserError(f"segment first frames must start at 0 and increase within {num_frames} frames, got {starts}")
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     # Pixel centres, broadcastable against per-frame object centres of shape [T, 1, 1].
     ys = np.arange(height, dtype=np.float32)[None, :, None] + 0.5
@@ -376,7 +378,7 @@ def switched_scene(
             continue
         if include_held_out or not any(is_held_out(obj) for obj in switched.objects):
             return switched
-    raise ValueError(f"no allowed {attribute} to switch to in {scene_to_json(scene)}")
+    raise UserError(f"no allowed {attribute} to switch to in {scene_to_json(scene)}")
 
 
 # ---------------------------------------------------------------------------
@@ -494,7 +496,7 @@ class ShapesWorld(torch.utils.data.Dataset):
         check_num_frames(num_frames)
         restricted_values(restrict, include_held_out)  # a bad restriction fails here, not mid-training
         if not 0.0 <= switch_probability <= 1.0:
-            raise ValueError(f"switch_probability must be in [0, 1], got {switch_probability}")
+            raise UserError(f"switch_probability must be in [0, 1], got {switch_probability}")
         self.num_frames = num_frames
         self.height = height
         self.width = width
@@ -508,7 +510,7 @@ class ShapesWorld(torch.utils.data.Dataset):
         latent_frames = 1 + (num_frames - 1) // FRAMES_PER_LATENT
         self.num_blocks = -(-latent_frames // block_frames)
         if switch_probability > 0 and self.num_blocks < 2:
-            raise ValueError(f"a scene switch needs clips of at least 2 blocks; {num_frames} frames are one")
+            raise UserError(f"a scene switch needs clips of at least 2 blocks; {num_frames} frames are one")
 
     def __len__(self) -> int:
         return self.length

@@ -20,7 +20,9 @@ import torch
 from PIL import Image
 
 from causvid.data.shapes import check_num_frames
+from causvid.errors import UserError
 from causvid.frames import clip_to_tensor
+
 
 if TYPE_CHECKING:
     import av
@@ -54,7 +56,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
     ) -> None:
         check_num_frames(num_frames)
         if fps is not None and fps <= 0:
-            raise ValueError(f"fps must be positive or None, got {fps}")
+            raise UserError(f"fps must be positive or None, got {fps}")
         self.root = Path(root)
         self.num_frames = num_frames
         self.height = height
@@ -76,20 +78,20 @@ class VideoFolderDataset(torch.utils.data.Dataset):
 def read_caption_file(path: Path, root: Path) -> list[CaptionedVideo]:
     """Parse a JSONL or CSV caption file and check every video it names exists."""
     if not path.is_file():
-        raise FileNotFoundError(f"caption file not found: {path}")
+        raise UserError(f"caption file not found: {path}")
     if path.suffix == ".jsonl":
         entries = _read_jsonl(path)
     elif path.suffix == ".csv":
         entries = _read_csv(path)
     else:
-        raise ValueError(f"caption file {path} must end in .jsonl or .csv")
+        raise UserError(f"caption file {path} must end in .jsonl or .csv")
     if not entries:
-        raise ValueError(f"caption file {path} lists no videos")
+        raise UserError(f"caption file {path} lists no videos")
     videos = []
     for line, file, caption in entries:
         video_path = root / file
         if not video_path.is_file():
-            raise FileNotFoundError(f"{path}:{line}: video {file!r} not found in {root}")
+            raise UserError(f"{path}:{line}: video {file!r} not found in {root}")
         videos.append(CaptionedVideo(video_path, caption))
     return videos
 
@@ -103,7 +105,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, str, str]]:
         try:
             record = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{line}: not valid JSON ({error.msg})") from error
+            raise UserError(f"{path}:{line}: not valid JSON ({error.msg})") from error
         entries.append(_check_entry(path, line, record))
     return entries
 
@@ -113,13 +115,13 @@ def _read_csv(path: Path) -> list[tuple[int, str, str]]:
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or not {"file", "caption"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: CSV header must contain 'file' and 'caption', got {reader.fieldnames}")
+            raise UserError(f"{path}: CSV header must contain 'file' and 'caption', got {reader.fieldnames}")
         return [_check_entry(path, reader.line_num, row) for row in reader]
 
 
 def _check_entry(path: Path, line: int, record: object) -> tuple[int, str, str]:
     if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in ("file", "caption")):
-        raise ValueError(f"{path}:{line}: expected string fields 'file' and 'caption', got {record!r}")
+        raise UserError(f"{path}:{line}: expected string fields 'file' and 'caption', got {record!r}")
     return line, record["file"], record["caption"]
 
 
@@ -130,13 +132,13 @@ def decode_frames(path: Path, num_frames: int, fps: float | None) -> list[Image.
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise ValueError(f"{path} has no video stream")
+                raise UserError(f"{path} has no video stream")
             decoded = container.decode(container.streams.video[0])
             frames = list(_take(decoded, num_frames)) if fps is None else _resample(decoded, num_frames, fps, path)
     except av.FFmpegError as error:
-        raise ValueError(f"cannot decode video {path}: {error}") from error
+        raise UserError(f"cannot decode video {path}: {error}") from error
     if not frames:
-        raise ValueError(f"video {path} contains no frames")
+        raise UserError(f"video {path} contains no frames")
     return frames
 
 
@@ -154,7 +156,7 @@ def _resample(frames: Iterable[av.VideoFrame], count: int, fps: float, path: Pat
     start = None
     for frame in frames:
         if frame.time is None:
-            raise ValueError(f"video {path} has no frame timestamps; use fps=None")
+            raise UserError(f"video {path} has no frame timestamps; use fps=None")
         if start is None:
             start = frame.time
         # The previous frame stays on screen until this one appears.

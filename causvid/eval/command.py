@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from causvid.checkpoint import atomic_write_json
+from causvid.errors import UserError
 from causvid.eval.shapes_bench import contact_sheet, default_prompt_set, format_table, run_bench
+
 
 if TYPE_CHECKING:
     from causvid.eval.reconstruction import ReconstructionError
@@ -18,8 +20,7 @@ def autoencoder_round_trip(autoencoder, errors: ReconstructionError):
     """uint8 video -> its reconstruction through `autoencoder`; adds each video's error to `errors`."""
     import torch
 
-    from causvid.frames import clip_to_tensor
-    from causvid.frames import to_uint8
+    from causvid.frames import clip_to_tensor, to_uint8
 
     @torch.no_grad()
     def reconstruct(frames, case=None, seed=None):
@@ -34,7 +35,7 @@ def autoencoder_round_trip(autoencoder, errors: ReconstructionError):
 
 def _eval(args: argparse.Namespace) -> None:
     if args.from_noise_level is not None and not args.teacher:
-        raise ValueError("--from-noise-level needs --teacher")
+        raise UserError("--from-noise-level needs --teacher")
     cases = default_prompt_set(num_seen=args.num_seen, num_pairs=args.num_pairs, restrict=dict(args.restrict or ()))
     if args.word_probe:
         return _word_probe(args, cases)
@@ -144,10 +145,10 @@ def register(subparsers) -> None:
     parser.add_argument("--from-noise-level", type=float, default=None, metavar="SIGMA",
                         help="with --teacher: start from each ground-truth clip noised to SIGMA in (0, 1] and run "
                              "the rest of the schedule, to see at which noise levels an attribute is lost")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance-scale", type=float, default=None)
-    parser.add_argument("--frames", type=int, default=21)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="teacher CFG scale (default: the pipeline's)")
+    parser.add_argument("--frames", type=int, default=21, help="pixel frames per video")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="noise seeds per prompt")
     parser.add_argument("--num-seen", type=int, default=16, help="seen single-object prompts in the set")
     parser.add_argument("--num-pairs", type=int, default=2, help="seen two-object prompts in the set")
     parser.add_argument("--restrict", type=restriction, action="append", default=None, metavar="ATTRIBUTE=V1,V2",
@@ -155,7 +156,7 @@ def register(subparsers) -> None:
                              "(repeatable, e.g. --restrict colour=red --restrict motion=left,right,up,down)")
     parser.add_argument("-o", "--output", type=Path, default=None, help="write the full JSON report here")
     parser.add_argument("--sheet", type=Path, default=None, help="write a contact-sheet PNG here")
-    parser.add_argument("--sheet-rows", type=int, default=8)
+    parser.add_argument("--sheet-rows", type=int, default=8, help="videos on the contact sheet")
     parser.add_argument("--json", action="store_true", help="also print the split means as one JSON line")
     parser.add_argument("--word-probe", action="store_true",
                         help="instead of sampling, measure how much each caption word (colour, shape, size, motion, "

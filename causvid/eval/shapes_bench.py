@@ -41,6 +41,8 @@ from causvid.data.shapes import (
     restricted_values,
     scene_to_json,
 )
+from causvid.errors import UserError
+
 
 # Metric name -> whether higher is better. Only these are averaged into split means.
 METRICS: dict[str, bool] = {
@@ -154,7 +156,7 @@ def _seen_scenes(num_single: int, num_pairs: int, seed: int, values: dict[str, t
             if scene is not None:
                 break
         else:
-            raise ValueError(f"no valid seen scene of {num_objects} objects in this restricted world; ask for fewer")
+            raise UserError(f"no valid seen scene of {num_objects} objects in this restricted world; ask for fewer")
         for obj in scene.objects:
             for draws, value in ((shapes, obj.shape), (colours, obj.colour), (sizes, obj.size), (motions, obj.motion)):
                 draws.use(value)
@@ -500,9 +502,9 @@ def _mean_present(values: Sequence[float | None]) -> float | None:
 def _check_video(frames: np.ndarray) -> None:
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         description = f"{frames.dtype} {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
-        raise ValueError(f"expected a uint8 [T, H, W, 3] array, got {description}")
+        raise UserError(f"expected a uint8 [T, H, W, 3] array, got {description}")
     if len(frames) < 2:
-        raise ValueError(f"need at least 2 frames to measure motion, got {len(frames)}")
+        raise UserError(f"need at least 2 frames to measure motion, got {len(frames)}")
 
 
 # ---------------------------------------------------------------------------
@@ -609,7 +611,7 @@ def contact_sheet(
 ) -> Path:
     """Write a PNG grid: one row per video (evenly spaced frames), each under its label."""
     if len(videos) != len(labels) or not videos:
-        raise ValueError(f"need one label per video and at least one video, got {len(videos)} and {len(labels)}")
+        raise UserError(f"need one label per video and at least one video, got {len(videos)} and {len(labels)}")
     label_height, gap = 12, 2
     tile_h, tile_w = videos[0].shape[1:3]
     sheet_w = frames_per_video * (tile_w + gap) + gap

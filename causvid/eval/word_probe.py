@@ -18,13 +18,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from causvid.data.masks import latent_object_mask
 from causvid.data.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, SceneSpec, canonical_caption, render_clip
+from causvid.errors import UserError
 from causvid.eval.shapes_bench import BenchCase
 from causvid.models.autoencoder import VideoAutoencoder
 from causvid.models.denoiser import WanDenoiser
-from causvid.data.masks import latent_object_mask
 from causvid.schedule import add_noise, velocity_target
 from causvid.text import TextEncoder
+
 
 ATTRIBUTES = ("colour", "shape", "size", "motion", "direction", "background")
 # "motion" asks whether the object moves at all: a moving object is called still, a still one
@@ -41,7 +43,7 @@ def misnamed(scene: SceneSpec, attribute: str) -> SceneSpec | None:
     the scene valid (colours distinct and unlike the background).
     """
     if attribute not in ATTRIBUTES:
-        raise ValueError(f"unknown attribute {attribute!r}; expected one of {ATTRIBUTES}")
+        raise UserError(f"unknown attribute {attribute!r}; expected one of {ATTRIBUTES}")
     first, *rest = scene.objects
 
     def with_first(**change) -> SceneSpec:
@@ -62,7 +64,7 @@ def misnamed(scene: SceneSpec, attribute: str) -> SceneSpec | None:
             return with_first(**{attribute: value})
         except ValueError:  # e.g. a colour equal to the background's
             continue
-    raise ValueError(f"no valid scene names {attribute} differently from {scene}")
+    raise UserError(f"no valid scene names {attribute} differently from {scene}")
 
 
 @torch.inference_mode()

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from causvid.errors import UserError
+
 
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of `x` [B, N, H, D] by the unit complex `rotation` [1, N, 1, D/2] (Wan's convention).
@@ -78,7 +80,7 @@ class KVCache:
 
     def __post_init__(self) -> None:
         if self.window_frames is not None and self.window_frames < 0:
-            raise ValueError(f"window_frames must be >= 0 or None, got {self.window_frames}")
+            raise UserError(f"window_frames must be >= 0 or None, got {self.window_frames}")
         self.keys = [None] * self.num_layers
         self.values = [None] * self.num_layers
         self.cross = [None] * self.num_layers

@@ -19,7 +19,9 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from causvid.checkpoint import load_diffusers_model, save_diffusers_model
+from causvid.errors import UserError
 from causvid.frames import to_uint8
+
 
 TEMPORAL_FACTOR = 4
 
@@ -36,7 +38,7 @@ class _ConvCache:
 def num_latent_frames(num_frames: int) -> int:
     """Latent frames for a clip of 1 + 4k pixel frames."""
     if num_frames < 1 or (num_frames - 1) % TEMPORAL_FACTOR:
-        raise ValueError(f"clips must have 1 + 4k frames, got {num_frames}")
+        raise UserError(f"clips must have 1 + 4k frames, got {num_frames}")
     return 1 + (num_frames - 1) // TEMPORAL_FACTOR
 
 
@@ -53,10 +55,10 @@ class VideoAutoencoder(torch.nn.Module):
         self.vae = vae
         z = vae.config.z_dim
         if 2 ** sum(vae.config.temperal_downsample) != TEMPORAL_FACTOR:
-            raise ValueError(f"the autoencoder must compress time {TEMPORAL_FACTOR}x, got {vae.config.temperal_downsample}")
+            raise UserError(f"the autoencoder must compress time {TEMPORAL_FACTOR}x, got {vae.config.temperal_downsample}")
         for name in ("latents_mean", "latents_std"):
             if len(getattr(vae.config, name)) != z:
-                raise ValueError(f"{name} has {len(getattr(vae.config, name))} channels, z_dim is {z}")
+                raise UserError(f"{name} has {len(getattr(vae.config, name))} channels, z_dim is {z}")
         self.register_buffer("mean", torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1), persistent=False)
 
@@ -113,7 +115,7 @@ class VideoAutoencoder(torch.nn.Module):
         without a warm-up the model never trains in the state that a long stream reaches.
         """
         if context_frames and (context_frames - 1) % TEMPORAL_FACTOR:
-            raise ValueError(f"context_frames must be 0 or 1 + 4k, got {context_frames}")
+            raise UserError(f"context_frames must be 0 or 1 + 4k, got {context_frames}")
         encoder, decoder = self.new_encoder_stream(), self.new_decoder_stream()
         if context_frames:
             with torch.no_grad():
@@ -121,7 +123,7 @@ class VideoAutoencoder(torch.nn.Module):
                 self._decode_raw(decoder, warm[:, : self.latent_channels])
         moments = self._encode_moments(encoder, video[:, :, context_frames:])
         if moments is None or encoder.pending:
-            raise ValueError(f"{video.shape[2] - context_frames} frames after the context do not fill whole chunks")
+            raise UserError(f"{video.shape[2] - context_frames} frames after the context do not fill whole chunks")
         posterior = DiagonalGaussianDistribution(moments)
         return self._decode_raw(decoder, posterior.mode()), posterior
 

@@ -15,6 +15,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
 from causvid.checkpoint import load_diffusers_model, save_diffusers_model
+from causvid.errors import UserError
 from causvid.models.attention import (
     AttentionContext,
     CachedCrossAttnProcessor,
@@ -23,6 +24,7 @@ from causvid.models.attention import (
     block_causal_mask,
 )
 from causvid.schedule import timestep_from_sigma
+
 
 class FramePositionedRope(WanRotaryPosEmbed):
     """Wan's 3-axis RoPE, evaluated at chosen frame positions instead of always 0..F-1."""
@@ -34,7 +36,7 @@ class FramePositionedRope(WanRotaryPosEmbed):
     def at(self, frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Unit complex rotations [1, len(frames)*height*width, 1, D/2] for patch grids at the given frame positions."""
         if len(frames) and int(frames.max()) >= self.max_seq_len:
-            raise ValueError(
+            raise UserError(
                 f"frame position {int(frames.max())} is past the RoPE table ({self.max_seq_len}); "
                 "use a rolling KV cache (window_frames) for long streams"
             )
@@ -72,9 +74,9 @@ class WanDenoiser(torch.nn.Module):
     def __init__(self, transformer: WanTransformer3DModel, block_frames: int = 3):
         super().__init__()
         if transformer.config.added_kv_proj_dim is not None:
-            raise ValueError("image-conditioned Wan transformers (added_kv_proj_dim) are not supported")
+            raise UserError("image-conditioned Wan transformers (added_kv_proj_dim) are not supported")
         if block_frames < 1:
-            raise ValueError(f"block_frames must be >= 1, got {block_frames}")
+            raise UserError(f"block_frames must be >= 1, got {block_frames}")
         self.transformer = transformer
         self.block_frames = block_frames
         self.context = AttentionContext()
@@ -111,7 +113,7 @@ class WanDenoiser(torch.nn.Module):
         if window_frames is not None:
             longest = sink_frames + window_frames + self.block_frames
             if longest > self.transformer.rope.max_seq_len:
-                raise ValueError(
+                raise UserError(
                     f"sink_frames + window_frames + block_frames = {longest} exceeds the RoPE table "
                     f"({self.transformer.rope.max_seq_len} frames)"
                 )

@@ -7,6 +7,7 @@ import torch
 from causvid.data import build_dataset
 from causvid.data.masks import object_weights
 from causvid.data.shapes import ShapesWorld
+from causvid.errors import UserError
 from causvid.eval.reconstruction import psnr
 from causvid.frames import to_uint8
 from causvid.models.autoencoder import VideoAutoencoder
@@ -56,7 +57,7 @@ class AutoencoderObjective(Objective):
         self.target_frames = target_frames
         longest = self._clip_frames(max(self.context_frames))
         if config.data.get("num_frames", 33) < longest:
-            raise ValueError(f"data num_frames must be >= {longest} for context {max(self.context_frames)}")
+            raise UserError(f"data num_frames must be >= {longest} for context {max(self.context_frames)}")
         if init_from is not None:
             self.autoencoder = VideoAutoencoder.from_pretrained(init_from).train()
         else:
