@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sysconfig
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,7 +34,15 @@ from causvid.schedule import add_noise, sigmas_from, student_sigmas, teacher_sig
 from causvid.text import TextEncoder, check_prompt, load_text_encoder
 
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "shapes"
+def _default_checkpoint() -> Path:
+    """The shipped model: checkpoints/shapes of the source tree beside the package (a checkout or an
+    editable install), else the copy every install puts under <prefix>/share/causvid (setup.cfg)."""
+    source = Path(__file__).resolve().parent.parent / "checkpoints" / "shapes"
+    installed = Path(sysconfig.get_path("data")) / "share" / "causvid" / "checkpoints" / "shapes"
+    return source if source.is_dir() else installed
+
+
+DEFAULT_CHECKPOINT = _default_checkpoint()
 
 
 @dataclass
