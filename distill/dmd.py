@@ -143,6 +143,8 @@ class DMDObjective(StudentObjective):
         for name, value in (("switch_probability", switch_probability), ("image_probability", image_probability)):
             if not 0.0 <= value <= 1.0:
                 raise UserError(f"{name} must be in [0, 1], got {value}")
+        if image_probability and self.config.data.get("file") is not None:
+            raise UserError("image_probability renders shapes-world scenes: a prompt file has none; set it to 0")
         self.window_blocks = window_blocks
         self.switch_probability = switch_probability
         self.image_probability = image_probability

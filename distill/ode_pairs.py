@@ -1,14 +1,16 @@
 """Stage 1 of CausVid (arXiv 2412.07772, sec. 3.3): ODE trajectories of the teacher.
 
 The bidirectional teacher's deterministic sampler (Euler on the probability-flow ODE, with
-classifier-free guidance) runs from noise on prompts drawn from the training captions. Of each
-trajectory we keep the latents at the student's noise levels and the endpoint (sigma = 0): the
-student is later regressed from the former onto the latter (`distill.ode_init`).
+classifier-free guidance) runs from noise on training prompts (`causvid.data.prompts`: the
+shapes world's scenes, or a prompt file). Of each trajectory we keep the latents at the
+student's noise levels and the endpoint (sigma = 0): the student is later regressed from the
+former onto the latter (`distill.ode_init`).
 
 On disk, `out/` holds `manifest.json` (settings, noise levels, shape) and shards
 `shard-00000.safetensors` (tensor "trajectory" [n, S+1, C, F, H, W], bf16) with
-`shard-00000.json` (indices, prompts, scenes). Item i is a pure function of (seed, i), so
-shards can be written in any order, by any process, and skipped when already complete.
+`shard-00000.json` (indices, prompts, and scenes where the prompts have them). Item i is a pure
+function of (seed, i), so shards can be written in any order, by any process, and skipped when
+already complete.
 """
 
 from __future__ import annotations
@@ -17,19 +19,11 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 
 from causvid.checkpoint import atomic_save_tensors, atomic_write_json, read_json
-from causvid.data.shapes import (
-    SWITCH_ATTRIBUTES,
-    random_caption,
-    sample_scene,
-    scene_from_json,
-    scene_to_json,
-    switched_scene,
-)
+from causvid.data.prompts import TrainingPrompts
 from causvid.errors import UserError
 from causvid.models.autoencoder import num_latent_frames
 from causvid.pipeline import CausVidPipeline
@@ -55,6 +49,7 @@ class OdePairsConfig:
     steps: int | None = None  # Euler steps (pipeline teacher_steps, 50)
     guidance_scale: float | None = None  # CFG scale (pipeline guidance_scale)
     seed: int = 0
+    prompts: str | None = None  # a prompt file (.txt, .jsonl, .csv); None: shapes-world scenes
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, **overrides) -> "OdePairsConfig":
@@ -71,20 +66,6 @@ class OdePairsConfig:
         if config.num < 1 or config.batch < 1 or config.shard_size < 1:
             raise UserError(f"num, batch and shard_size must be >= 1, got {config.num}, {config.batch}, {config.shard_size}")
         return config
-
-
-def training_prompt(seed: int, index: int) -> tuple[str, str]:
-    """(caption, scene JSON) number `index`: a fresh shapes-world scene described in random words."""
-    rng = np.random.default_rng([seed, index])
-    scene = sample_scene(rng)
-    return random_caption(scene, rng), scene_to_json(scene)
-
-
-def switch_prompt(seed: int, index: int, scene: str) -> str:
-    """A caption for prompt `index` (whose scene JSON is `scene`) after a scene switch: the scene
-    with one attribute changed."""
-    rng = np.random.default_rng([seed, index, 1])
-    return random_caption(switched_scene(scene_from_json(scene), str(rng.choice(SWITCH_ATTRIBUTES)), rng), rng)
 
 
 def pair_noise(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -170,6 +151,7 @@ def generate_ode_pairs(config: OdePairsConfig, pipe: CausVidPipeline, resume: bo
     state.wait_for_everyone()
 
     guidance = manifest["guidance_scale"]
+    source = TrainingPrompts(config.seed, config.prompts)
     null_text = pipe.encode_prompt(pipe.config.negative_prompt)
     num_shards = math.ceil(config.num / config.shard_size)
     mine = range(state.process_index, num_shards, state.num_processes)
@@ -182,13 +164,13 @@ def generate_ode_pairs(config: OdePairsConfig, pipe: CausVidPipeline, resume: bo
         prompts, scenes, trajectories = [], [], []
         for start in range(0, len(indices), config.batch):
             chunk = indices[start : start + config.batch]
-            drawn = [training_prompt(config.seed, i) for i in chunk]  # (caption, scene) pairs
-            text = pipe.text_encoder.encode([caption for caption, _ in drawn]).to(pipe.device)
+            drawn = [source[i] for i in chunk]
+            text = pipe.text_encoder.encode([item["caption"] for item in drawn]).to(pipe.device)
             noise = torch.stack([pair_noise(config.seed, i, latent_shape) for i in chunk]).to(pipe.device)
             velocity = guided_velocity(pipe.teacher, text, null_text.expand(len(chunk), -1, -1), guidance)
             trajectories.append(teacher_trajectory(velocity, noise, grid.to(pipe.device), positions).to(torch.bfloat16))
-            prompts += [caption for caption, _ in drawn]
-            scenes += [scene for _, scene in drawn]
+            prompts += [item["caption"] for item in drawn]
+            scenes += [item.get("scene") for item in drawn]
             bar.update(len(chunk))
         # The JSON first: a shard counts as complete once its tensors file exists.
         atomic_write_json(shard_path(out, shard).with_suffix(".json"), {"indices": indices, "prompts": prompts, "scenes": scenes})

@@ -12,39 +12,26 @@ from pathlib import Path
 
 import torch
 
+from causvid.data.prompts import TrainingPrompts
 from causvid.errors import UserError
 from causvid.eval.shapes_bench import METRICS, contact_sheet, default_prompt_set
 from causvid.models.denoiser import WanDenoiser
 from causvid.pipeline import CausVidPipeline, load_pipeline
 from causvid.train import Objective
 from distill.compare import bench
-from distill.ode_pairs import OdePairs, switch_prompt, training_prompt
-
-
-class TrainingPrompts(torch.utils.data.Dataset):
-    """Captions (item i: `training_prompt(seed, i)`), for students that start from noise, each
-    with its scene (JSON) and the caption a prompt switch would go to (`switch_prompt`)."""
-
-    def __init__(self, seed: int = 0):
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return 10**9
-
-    def __getitem__(self, index: int) -> dict:
-        caption, scene = training_prompt(self.seed, index)
-        return {"caption": caption, "scene": scene, "switch_caption": switch_prompt(self.seed, index, scene)}
+from distill.ode_pairs import OdePairs
 
 
 def build_dataset(data: dict) -> torch.utils.data.Dataset:
-    """The dataset a distillation config names: {"type": "ode_pairs", "root": DIR} or {"type": "prompts"}."""
+    """The dataset a distillation config names: {"type": "ode_pairs", "root": DIR}, or
+    {"type": "prompts", "seed": S, "file": PROMPTS} (no file: shapes-world scenes)."""
     kind = data.get("type", "ode_pairs")
     if kind == "ode_pairs":
         if "root" not in data:
             raise UserError("data: {type: ode_pairs} needs a root (the `causvid distill ode-pairs` output)")
         return OdePairs(data["root"])
     if kind == "prompts":
-        return TrainingPrompts(data.get("seed", 0))
+        return TrainingPrompts(data.get("seed", 0), data.get("file"))
     raise UserError(f"unknown dataset type {kind!r} (expected 'ode_pairs' or 'prompts')")
 
 

@@ -18,7 +18,8 @@ from causvid.pipeline import load_pipeline
 from causvid.samplers import guided_velocity, sample_euler
 from causvid.schedule import student_sigmas, teacher_sigmas
 from distill.ode_init import ode_regression_loss
-from distill.ode_pairs import OdePairs, ode_grid, pair_noise, training_prompt
+from causvid.data.prompts import shapes_prompt
+from distill.ode_pairs import OdePairs, ode_grid, pair_noise
 
 FRAMES = 13  # 4 latent frames: two causal blocks of the tiny preset (block_frames 2)
 
@@ -45,7 +46,7 @@ def test_shards_hold_trajectories_at_the_student_levels(pairs, tiny_pipeline):
     assert first.dtype == torch.bfloat16
     info = read_json(pairs / "shard-00001.json")
     assert info["indices"] == [4, 5]
-    assert info["prompts"] == [training_prompt(3, i)[0] for i in (4, 5)]
+    assert info["prompts"] == [shapes_prompt(3, i)["caption"] for i in (4, 5)]
     # The first stored level (sigma 1) is the starting noise of that index.
     assert torch.equal(second[1, 0], pair_noise(3, 5, (4, 4, 8, 8)).bfloat16())
 
@@ -53,7 +54,7 @@ def test_shards_hold_trajectories_at_the_student_levels(pairs, tiny_pipeline):
 def test_endpoint_equals_running_the_teacher_sampler(pairs, tiny_pipeline):
     pipe = tiny_pipeline
     stored = load_tensors(pairs / "shard-00001.safetensors")["trajectory"][0]  # index 4
-    text = pipe.encode_prompt(training_prompt(3, 4)[0])
+    text = pipe.encode_prompt(shapes_prompt(3, 4)["caption"])
     velocity = guided_velocity(pipe.teacher, text, pipe.encode_prompt(""), pipe.config.guidance_scale)
     noise = pair_noise(3, 4, (4, 4, 8, 8))[None]
     with torch.no_grad():

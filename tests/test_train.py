@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from causvid.checkpoint import load_tensors
+from causvid.checkpoint import CheckpointError, load_tensors
 from causvid.cli import main
 
 TINY_AE = {
@@ -182,7 +182,7 @@ def test_teacher_objective_trains_and_exports_a_pipeline(tmp_path):
         "sample_steps": 2, "sample_prompts": ["a red circle"], "object_weight": 10.0,
     })
     assert main(["train", "teacher", "--config", str(path)]) == 0
-    assert (tmp_path / "teacher" / "latent_bank.safetensors").exists()
+    assert (tmp_path / "teacher" / "latent_bank" / "manifest.json").exists()
     assert list((tmp_path / "teacher" / "samples").glob("*.mp4"))
     out = tmp_path / "clip.npy"
     assert main(["generate", "a red circle", "-o", str(out), "--frames", "9", "--teacher", "--steps", "2",
@@ -199,7 +199,7 @@ def test_loader_workers_change_neither_the_bank_nor_the_losses(tmp_path):
                                objective_args={"bank_size": 5})
         assert main(["train", "teacher", "--config", str(path)]) == 0
         runs[workers] = (list(_losses(tmp_path / f"teacher_{workers}", "loss_teacher").values()),
-                         load_tensors(tmp_path / f"teacher_{workers}" / "latent_bank.safetensors"))
+                         load_tensors(tmp_path / f"teacher_{workers}" / "latent_bank" / "shard-00000.safetensors"))
     (losses, bank), (losses_with_workers, bank_with_workers) = runs[0], runs[2]
     assert len(losses) == 3 and losses == losses_with_workers
     assert all(torch.equal(bank[k], bank_with_workers[k]) for k in bank)
@@ -354,28 +354,59 @@ def test_latent_object_mask_marks_the_cells_an_object_covers():
     assert torch.equal(mask[0, 0], first) and torch.equal(mask[0, 1], second)
 
 
-def test_a_bank_saved_without_object_masks_gains_them_without_re_encoding(tmp_path):
-    from causvid.checkpoint import atomic_save_tensors, atomic_write_json
-    from causvid.data.shapes import ShapesWorld
+def test_the_latent_bank_is_sharded_resumable_and_read_entry_by_entry(tmp_path, monkeypatch):
+    import pickle
+
+    from causvid.data import latent_bank
     from causvid.data.latent_bank import LatentBank
     from causvid.data.masks import latent_object_mask
+    from causvid.data.shapes import ShapesWorld
     from causvid.presets import build_autoencoder
 
-    data = {"type": "shapes", "num_frames": 9, "height": 32, "width": 32, "seed": 3}
-    autoencoder = build_autoencoder("tiny")
-    path = tmp_path / "latent_bank.safetensors"
-    fresh = LatentBank.build_or_load(path, autoencoder, data, size=3, seed=0)
-    atomic_save_tensors(path, {"latents": fresh.latents})  # the old format: latents and scenes only
-    atomic_write_json(path.with_suffix(".json"), {"scenes": fresh.scenes})
-
-    autoencoder.encode = None  # re-encoding would fail
-    upgraded = LatentBank.build_or_load(path, autoencoder, data, size=99, seed=0)
+    monkeypatch.setattr(latent_bank, "SHARD_SIZE", 2)
     world = ShapesWorld(num_frames=9, height=32, width=32, seed=3)
-    expected = latent_object_mask(torch.stack([world[i]["video"] for i in range(3)]), autoencoder.spatial_factor)
-    assert torch.equal(upgraded.object_masks, expected) and torch.equal(upgraded.latents, fresh.latents)
-    assert expected.any() and "object_masks" in load_tensors(path)
-    item = upgraded[4]  # entry 4 mod 3, with its mask
-    assert torch.equal(item["object_mask"], expected[1])
+    autoencoder = build_autoencoder("tiny")
+    path = tmp_path / "bank"
+    bank = LatentBank.build_or_load(path, autoencoder, world, size=5, seed=0)
+    assert sorted(p.name for p in path.glob("*.safetensors")) == [f"shard-0000{i}.safetensors" for i in range(3)]
+    videos = torch.stack([world[i]["video"] for i in range(5)])
+    with torch.no_grad():
+        latents = autoencoder.encode(videos).to(torch.bfloat16).float()
+    masks = latent_object_mask(videos, autoencoder.spatial_factor)
+    for index in (0, 3, 4, 7):  # item i is entry i mod 5
+        item = bank[index]
+        assert torch.equal(item["latents"], latents[index % 5]) and torch.equal(item["object_mask"], masks[index % 5])
+        assert item["caption"] in world[index % 5]["captions"]
+    assert len({bank[i * 5]["caption"] for i in range(20)}) > 1  # other phrasings on other passes
+    # A build killed after two shards resumes with the third; nothing else is re-encoded.
+    (path / "manifest.json").unlink()
+    (path / "shard-00002.safetensors").unlink()
+    encoded = []
+    monkeypatch.setattr(autoencoder, "encode", lambda video: encoded.append(len(video)) or latents[4:5].to(torch.bfloat16))
+    resumed = LatentBank.build_or_load(path, autoencoder, world, size=5, seed=0)
+    assert encoded == [1] and torch.equal(resumed[3]["latents"], latents[3])
+    # Loader workers get a copy without open files; settings that differ are refused.
+    assert torch.equal(pickle.loads(pickle.dumps(resumed))[4]["latents"], latents[4])
+    with pytest.raises(CheckpointError, match="other settings"):
+        LatentBank.build_or_load(path, autoencoder, world, size=4, seed=0)
+
+
+def test_a_bank_of_footage_has_no_masks_and_leaves_unreadable_clips_out(tmp_path):
+    from causvid.data.latent_bank import LatentBank
+    from causvid.presets import build_autoencoder
+
+    class Footage(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):  # clip 1 cannot be read: the dataset hands back clip 2
+            shown = 2 if index == 1 else index
+            return {"video": torch.full((3, 5, 32, 32), shown / 4 - 0.5), "caption": f"clip {shown}", "index": shown}
+
+    bank = LatentBank.build_or_load(tmp_path / "bank", build_autoencoder("tiny"), Footage(), size=10, seed=0)
+    assert bank.entries == 3 and not bank.has_masks
+    assert [bank[i]["caption"] for i in range(3)] == ["clip 0", "clip 2", "clip 3"]
+    assert "object_mask" not in bank[0]
 
 
 class _ReconstructWithError(torch.nn.Module):

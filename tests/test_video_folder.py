@@ -65,10 +65,28 @@ def test_fps_resampling_takes_every_other_frame_at_half_rate(folder):
     np.testing.assert_allclose(brightness(item["video"]), [ramp_value(2 * i) for i in range(9)], atol=3)
 
 
-def test_short_videos_are_padded_with_the_last_frame(folder):
-    video = VideoFolderDataset(folder, num_frames=33, height=32, width=32, fps=12)[0]["video"]
-    expected = [ramp_value(2 * i) for i in range(10)] + [ramp_value(18)] * 23
-    np.testing.assert_allclose(brightness(video), expected, atol=3)
+def test_too_short_and_corrupt_videos_are_skipped_with_one_warning_each(folder, tmp_path, caplog):
+    for name in ("ramp.mp4", "stripes.mp4"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    (tmp_path / "broken.mp4").write_bytes(b"this is not a video" * 50)
+    lines = [{"file": "broken.mp4", "caption": "broken"}, {"file": "stripes.mp4", "caption": "five frames"},
+             {"file": "ramp.mp4", "caption": "twenty frames"}]
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    dataset = VideoFolderDataset(tmp_path, num_frames=9, height=16, width=16)
+    with caplog.at_level("WARNING"):
+        items = [dataset[i] for i in range(3)] + [dataset[0]]
+    # Broken and too short (5 < 9 frames): each falls through to the next readable video.
+    assert [(item["index"], item["caption"]) for item in items] == [(2, "twenty frames")] * 4
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and "broken.mp4" in warnings[0] and "5 frames" in warnings[1]
+    assert "2 skipped so far" in warnings[1]
+
+
+def test_a_folder_with_no_readable_video_is_an_error(tmp_path):
+    (tmp_path / "broken.mp4").write_bytes(b"this is not a video" * 50)
+    (tmp_path / "captions.jsonl").write_text('{"file": "broken.mp4", "caption": "x"}\n')
+    with pytest.raises(UserError, match="none of the 1 videos can be read"):
+        VideoFolderDataset(tmp_path, num_frames=5)[0]
 
 
 def test_frames_are_centre_cropped_not_squashed(folder):
@@ -91,9 +109,17 @@ def test_missing_caption_file(tmp_path):
         VideoFolderDataset(tmp_path)
 
 
-def test_caption_naming_a_missing_video(tmp_path):
-    (tmp_path / "captions.jsonl").write_text('{"file": "gone.mp4", "caption": "x"}\n')
-    with pytest.raises(UserError, match="gone.mp4"):
+def test_captions_naming_missing_videos_are_listed_once_and_left_out(folder, tmp_path, caplog):
+    (tmp_path / "ramp.mp4").write_bytes((folder / "ramp.mp4").read_bytes())
+    lines = ['{"file": "gone.mp4", "caption": "x"}', '{"file": "ramp.mp4", "caption": "y"}', '{"file": "lost.mp4", "caption": "z"}']
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines))
+    with caplog.at_level("WARNING"):
+        dataset = VideoFolderDataset(tmp_path, num_frames=5)
+    assert dataset.captions == ["y"]
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "2 of 3 videos" in warning and "captions.jsonl:1 gone.mp4" in warning and "captions.jsonl:3 lost.mp4" in warning
+    (tmp_path / "captions.jsonl").write_text(lines[0])
+    with pytest.raises(UserError, match="none of the 1 videos it names"):
         VideoFolderDataset(tmp_path)
 
 
@@ -118,14 +144,6 @@ def test_unsupported_caption_extension(tmp_path):
     (tmp_path / "captions.txt").write_text("a.mp4 hello\n")
     with pytest.raises(ValueError, match=".jsonl or .csv"):
         VideoFolderDataset(tmp_path, captions="captions.txt")
-
-
-def test_corrupt_video_names_the_file(tmp_path):
-    (tmp_path / "broken.mp4").write_bytes(b"this is not a video" * 50)
-    (tmp_path / "captions.jsonl").write_text('{"file": "broken.mp4", "caption": "x"}\n')
-    dataset = VideoFolderDataset(tmp_path, num_frames=5)
-    with pytest.raises(ValueError, match="broken.mp4"):
-        dataset[0]
 
 
 def test_num_frames_is_validated(folder):

@@ -66,6 +66,9 @@ SQUARE_HALF_SIDE = 0.9
 
 # Unit vector (axis, sign) of each directional motion; image y grows downwards.
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1)}
+# Phrasings of each clip's caption an item carries: a latent bank keeps them all, so one encoded
+# clip is described in different words on different passes.
+CAPTION_PHRASINGS = 8
 
 
 @dataclass(frozen=True)
@@ -471,14 +474,17 @@ def canonical_caption(scene: SceneSpec) -> str:
 class ShapesWorld(torch.utils.data.Dataset):
     """Map-style dataset whose item ``i`` is a pure function of ``(seed, i)``.
 
-    Items are ``{"video": float32 [3, T, H, W] in [-1, 1], "caption": str,
-    "scene": JSON string}``; resuming training at data position ``i`` is exact.
+    Items are ``{"video": float32 [3, T, H, W] in [-1, 1], "caption": str, "captions": the caption
+    and other phrasings of it, "scene": JSON string}``; resuming training at data position ``i`` is
+    exact. Objects lie on a flat background (`flat_background`), so masks of them can be found.
 
     With ``switch_probability`` > 0 that share of clips switches scene (``switched_scene``) at
     the start of a random latent block after the first (``block_frames`` latent frames a block),
     and every item also has ``"switch_caption"``, ``"switch_scene"`` and ``"switch_frame"``, the
     first pixel frame of the new scene (``num_frames`` when the clip does not switch).
     """
+
+    flat_background = True
 
     def __init__(
         self,
@@ -531,4 +537,7 @@ class ShapesWorld(torch.utils.data.Dataset):
             after, first = segments[-1] if len(segments) > 1 else (scene, self.num_frames)
             item.update(switch_caption=random_caption(after, rng), switch_scene=scene_to_json(after),
                         switch_frame=first)
+        # Other phrasings of the caption, from a stream of their own so the rest stays as it was.
+        phrasings = np.random.default_rng([self.seed, index, 2])
+        item["captions"] = [item["caption"]] + [random_caption(scene, phrasings) for _ in range(CAPTION_PHRASINGS - 1)]
         return item

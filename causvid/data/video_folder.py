@@ -1,15 +1,18 @@
-"""Folder-of-videos dataset for training on real clips.
+"""Folder-of-videos dataset for training on one's own clips.
 
 The folder holds video files plus a caption file: JSONL lines
 ``{"file": "a.mp4", "caption": "..."}`` or a CSV with a ``file,caption`` header.
-Each item is the first ``num_frames`` frames (sampled at ``fps``, resized on the
-shorter side and centre-cropped), in the same format as ``ShapesWorld`` items.
+Each item is ``num_frames`` frames from the start of a video (sampled at ``fps``, resized on the
+shorter side and centre-cropped), in the same format as ``ShapesWorld`` items. Files the
+captions name but the folder lacks are listed once and left out; a video that cannot be decoded
+or is too short is skipped, with one warning, for the next readable one.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,8 @@ from causvid.frames import clip_to_tensor
 if TYPE_CHECKING:
     import av
 
+logger = logging.getLogger(__name__)
+
 # Slack when comparing frame timestamps with sampling times (timestamps are rounded).
 TIMESTAMP_TOLERANCE_S = 1e-3
 
@@ -40,10 +45,10 @@ class CaptionedVideo:
 
 
 class VideoFolderDataset(torch.utils.data.Dataset):
-    """Captioned videos from a folder; items are ``{"video": [3, T, H, W] in [-1, 1], "caption": str}``.
+    """Captioned videos from a folder; items are ``{"video": [3, T, H, W] in [-1, 1], "caption": str,
+    "index": the video's index}``. The index differs from the one asked for when that video was skipped."""
 
-    Videos shorter than ``num_frames`` are padded by repeating their last frame.
-    """
+    flat_background = False  # real footage: no object masks against a flat background
 
     def __init__(
         self,
@@ -63,20 +68,35 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         self.width = width
         self.fps = fps
         self.videos = read_caption_file(self.root / captions, self.root)
+        self._skipped: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.videos)
 
+    @property
+    def captions(self) -> list[str]:
+        return [video.caption for video in self.videos]
+
     def __getitem__(self, index: int) -> dict:
-        video = self.videos[index]
-        frames = decode_frames(video.path, self.num_frames, self.fps)
-        clip = np.stack([resize_and_crop(frame, self.height, self.width) for frame in frames])
-        padding = np.repeat(clip[-1:], self.num_frames - len(clip), axis=0)
-        return {"video": clip_to_tensor(np.concatenate([clip, padding])), "caption": video.caption}
+        for offset in range(len(self.videos)):
+            video = self.videos[(index + offset) % len(self.videos)]
+            if video.path in self._skipped:
+                continue
+            try:
+                frames = decode_frames(video.path, self.num_frames, self.fps)
+                if len(frames) < self.num_frames:
+                    raise UserError(f"{len(frames)} frames, fewer than the {self.num_frames} a clip needs")
+            except UserError as error:
+                self._skipped.add(video.path)
+                logger.warning("skipping %s (%s); %d skipped so far", video.path, error, len(self._skipped))
+                continue
+            clip = np.stack([resize_and_crop(frame, self.height, self.width) for frame in frames])
+            return {"video": clip_to_tensor(clip), "caption": video.caption, "index": (index + offset) % len(self.videos)}
+        raise UserError(f"{self.root}: none of the {len(self.videos)} videos can be read as {self.num_frames}-frame clips")
 
 
 def read_caption_file(path: Path, root: Path) -> list[CaptionedVideo]:
-    """Parse a JSONL or CSV caption file and check every video it names exists."""
+    """Parse a JSONL or CSV caption file; the videos it names that do not exist are listed once and left out."""
     if not path.is_file():
         raise UserError(f"caption file not found: {path}")
     if path.suffix == ".jsonl":
@@ -87,13 +107,14 @@ def read_caption_file(path: Path, root: Path) -> list[CaptionedVideo]:
         raise UserError(f"caption file {path} must end in .jsonl or .csv")
     if not entries:
         raise UserError(f"caption file {path} lists no videos")
-    videos = []
-    for line, file, caption in entries:
-        video_path = root / file
-        if not video_path.is_file():
-            raise UserError(f"{path}:{line}: video {file!r} not found in {root}")
-        videos.append(CaptionedVideo(video_path, caption))
-    return videos
+    videos = [CaptionedVideo(root / file, caption) for _, file, caption in entries]
+    missing = [f"{path.name}:{line} {file}" for line, file, _ in entries if not (root / file).is_file()]
+    if len(missing) == len(entries):
+        raise UserError(f"{path}: none of the {len(entries)} videos it names is in {root}")
+    if missing:
+        logger.warning("%d of %d videos named in %s are missing and left out: %s", len(missing), len(entries), path,
+                       ", ".join(missing))
+    return [video for video in videos if video.path.is_file()]
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, str, str]]:

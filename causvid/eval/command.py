@@ -33,9 +33,42 @@ def autoencoder_round_trip(autoencoder, errors: ReconstructionError):
     return reconstruct
 
 
+def _folder_reconstruction(args: argparse.Namespace) -> None:
+    """Reconstruction PSNR of an autoencoder on a folder of one's own videos (one JSON record)."""
+    import torch
+
+    from causvid.data.video_folder import VideoFolderDataset
+    from causvid.eval.reconstruction import ReconstructionError
+    from causvid.models.autoencoder import VideoAutoencoder
+
+    autoencoder = VideoAutoencoder.from_pretrained(args.autoencoder).eval()
+    clips = VideoFolderDataset(args.folder, num_frames=args.frames, height=args.height, width=args.width, fps=args.fps)
+    errors = ReconstructionError()
+    seen = set()
+    with torch.no_grad():
+        for index in range(min(args.max_clips, len(clips))):
+            item = clips[index]
+            if item["index"] in seen:  # an unreadable clip stands in for the next one: count that one once
+                continue
+            seen.add(item["index"])
+            video = item["video"][None]
+            errors.add(autoencoder.decode(autoencoder.encode(video)), video)
+    report = errors.report()
+    record = {"autoencoder": str(args.autoencoder), "folder": str(args.folder), "clips": report["clips"],
+              "psnr_db": report["psnr_db"], "clip_psnr_db_range": report["clip_psnr_db_range"],
+              "first_frame_psnr_db": report["first_frame_psnr_db"], "later_frames_psnr_db": report["later_frames_psnr_db"]}
+    if args.output is not None:
+        atomic_write_json(args.output, record)
+    print(json.dumps(record))
+
+
 def _eval(args: argparse.Namespace) -> None:
     if args.from_noise_level is not None and not args.teacher:
         raise UserError("--from-noise-level needs --teacher")
+    if args.folder is not None:
+        if args.autoencoder is None:
+            raise UserError("--folder measures an autoencoder: give --autoencoder DIR")
+        return _folder_reconstruction(args)
     cases = default_prompt_set(num_seen=args.num_seen, num_pairs=args.num_pairs, restrict=dict(args.restrict or ()))
     if args.word_probe:
         return _word_probe(args, cases)
@@ -142,6 +175,13 @@ def register(subparsers) -> None:
     parser.add_argument("--ground-truth", action="store_true", help="evaluate rendered shapes-world clips (the ceiling)")
     parser.add_argument("--autoencoder", type=Path, default=None,
                         help="evaluate this autoencoder directory: ground truth through encode+decode, plus PSNR")
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="with --autoencoder: reconstruction PSNR on this folder of videos (captions.jsonl) "
+                             "instead of shapes-bench")
+    parser.add_argument("--fps", type=float, default=None, help="with --folder: resample clips to this rate")
+    parser.add_argument("--height", type=int, default=64, help="with --folder: clip height")
+    parser.add_argument("--width", type=int, default=64, help="with --folder: clip width")
+    parser.add_argument("--max-clips", type=int, default=64, help="with --folder: clips measured")
     parser.add_argument("--from-noise-level", type=float, default=None, metavar="SIGMA",
                         help="with --teacher: start from each ground-truth clip noised to SIGMA in (0, 1] and run "
                              "the rest of the schedule, to see at which noise levels an attribute is lost")

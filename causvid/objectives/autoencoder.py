@@ -6,7 +6,6 @@ import torch
 
 from causvid.data import build_dataset
 from causvid.data.masks import object_weights
-from causvid.data.shapes import ShapesWorld
 from causvid.errors import UserError
 from causvid.eval.reconstruction import psnr
 from causvid.frames import to_uint8
@@ -67,7 +66,9 @@ class AutoencoderObjective(Objective):
             self.autoencoder.vae.encoder.requires_grad_(False)
             self.autoencoder.vae.quant_conv.requires_grad_(False)
         self.kl_weight = kl_weight
-        self.object_weight = object_weight
+        self.data = build_dataset(config.data)
+        # Objects are found against a flat background: on footage every pixel weighs the same.
+        self.object_weight = object_weight if getattr(self.data, "flat_background", False) else 0.0
         self.object_margin = object_margin
         self.first_frame_weight = first_frame_weight
         self.l1_weight = l1_weight
@@ -86,7 +87,7 @@ class AutoencoderObjective(Objective):
         return {"autoencoder"}
 
     def dataset(self):
-        return build_dataset(self.config.data)
+        return self.data
 
     def _clip_frames(self, context: int) -> int:
         # A stream's first chunk is one frame; after a context every chunk is four.
@@ -125,8 +126,11 @@ class AutoencoderObjective(Objective):
         return {"autoencoder": (loss, logs), "discriminator": (discriminator_loss, discriminator_logs)}
 
     def _fixed_clips(self, count: int, device: torch.device) -> torch.Tensor:
-        data = ShapesWorld(**{k: v for k, v in self.config.data.items() if k != "type"} | {"seed": 10_000})
-        return torch.stack([data[i]["video"] for i in range(count)]).to(device)
+        """Clips for samples and latent statistics: shapes-world clips of a seed no run trains on,
+        or a folder's first clips."""
+        kind = self.config.data.get("type", "shapes")
+        data = build_dataset(self.config.data | {"seed": 10_000}) if kind == "shapes" else self.data
+        return torch.stack([data[i]["video"] for i in range(min(count, len(data)))]).to(device)
 
     @torch.no_grad()
     def sample(self, ema, out_dir, step):

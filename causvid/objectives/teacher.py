@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from causvid.data import build_dataset
 from causvid.data.latent_bank import LatentBank
 from causvid.models.autoencoder import VideoAutoencoder
 from causvid.models.denoiser import WanDenoiser
@@ -61,8 +62,8 @@ class TeacherObjective(Objective):
         self.text_encoder.to(device)
 
     def dataset(self):
-        path = Path(self.config.out_dir) / "latent_bank.safetensors"
-        return LatentBank.build_or_load(path, self.autoencoder, self.config.data, self.bank_size, self.config.seed,
+        return LatentBank.build_or_load(Path(self.config.out_dir) / "latent_bank", self.autoencoder,
+                                        build_dataset(self.config.data), self.bank_size, self.config.seed,
                                         self.config.num_workers)
 
     def losses(self, models, batch, step, rng):
@@ -75,7 +76,9 @@ class TeacherObjective(Objective):
         noise = randn_like(x0, rng)
         sigma = shift_sigma(torch.rand(batch_size, generator=rng), self.pipeline_config.shift).to(x0.device)
         velocity = models["teacher"](add_noise(x0, noise, sigma), sigma, text)
-        weights = (1 + self.object_weight * batch["object_mask"].float())[:, None]
+        # Without object masks (footage, not a flat background) every cell weighs the same.
+        objects = batch["object_mask"].float() if "object_mask" in batch else torch.zeros_like(x0[:, 0])
+        weights = (1 + self.object_weight * objects)[:, None]
         error = (velocity.float() - velocity_target(x0, noise)).square()
         loss = (error * weights).mean() / weights.mean()
         return {"teacher": (loss, {})}
