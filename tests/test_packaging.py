@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -26,8 +27,11 @@ def test_the_shipped_checkpoint_generates_frames():
 
 def test_a_wheel_install_finds_the_default_model(tmp_path):
     """`pip install` of a wheel, in an environment with no source tree: the model comes from <prefix>/share."""
+    # Built from a copy: setuptools builds in the source tree, and the checkout stays as it was.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "runs", "build", "dist", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True, timeout=600)
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=600)
     wheel = next((tmp_path / "dist").glob("causvid-*.whl"))
     env_dir = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
