@@ -35,7 +35,8 @@ def _generate(args: argparse.Namespace) -> None:
     if not args.output.parent.is_dir():
         raise UserError(f"{args.output}: folder {args.output.parent} does not exist; create it first")
     prompt = check_prompt(args.prompt)
-    pipe = load_pipeline(args.checkpoint, args.device, with_teacher=args.teacher)
+    size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+    pipe = load_pipeline(args.checkpoint, args.device, with_teacher=args.teacher, **size)
     total = (args.steps or pipe.config.teacher_steps) if args.teacher else args.frames
     with tqdm(total=total, unit="step" if args.teacher else "frame", desc="teacher" if args.teacher else "student") as bar:
         frames = pipe.generate(
@@ -180,6 +181,8 @@ def register(subparsers) -> None:
     gen.add_argument("-o", "--output", type=Path, required=True, help="out.mp4, out.gif or out.npy")
     gen.add_argument("--frames", type=int, default=33, help="pixel frames to generate")
     gen.add_argument("--seed", type=int, default=0, help="noise seed")
+    gen.add_argument("--height", type=int, default=None, help="frame height in pixels (default: the checkpoint's)")
+    gen.add_argument("--width", type=int, default=None, help="frame width in pixels (default: the checkpoint's)")
     gen.add_argument("--steps", type=int, default=None, help="student steps (default 4) or teacher steps (default 50)")
     gen.add_argument("--teacher", action="store_true", help="sample the bidirectional teacher with CFG")
     gen.add_argument("--guidance-scale", type=float, default=None, help="teacher CFG scale (default: the pipeline's)")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import sysconfig
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -70,11 +70,44 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PipelineConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """From a model_index.json: ours, with `text_encoder` naming the component and
+        `text_encoder_config` its settings, or one written before that, with the settings in `text_encoder`."""
+        known = {f.name for f in fields(cls)} - {"text_encoder"}
+        settings = {k: v for k, v in data.items() if k in known}
+        spec = data.get("text_encoder_config", data.get("text_encoder"))
+        if isinstance(spec, dict):
+            settings["text_encoder"] = spec
+        return cls(**settings)
 
     def to_dict(self) -> dict:
-        return {"_class_name": "CausVidPipeline", **asdict(self)}
+        return asdict(self)
+
+
+# Wan2.1's own sampling defaults (wan/configs: shared_config.py and wan_t2v_1_3B.py), for a Wan
+# diffusers directory whose scheduler config does not say otherwise.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+WAN_DEFAULTS = dict(height=480, width=832, fps=16, teacher_steps=50, guidance_scale=5.0, shift=5.0,
+                    negative_prompt=WAN_NEGATIVE_PROMPT)
+_SOLVERS = {"FlowMatchEulerDiscreteScheduler": "euler", "UniPCMultistepScheduler": "unipc"}
+
+
+def wan_pipeline_config(path: Path) -> PipelineConfig:
+    """The sampling settings of a Wan2.1 diffusers directory (`WanPipeline`): the shift and solver from
+    its scheduler config where it has them, the rest Wan's defaults; UMT5 and its tokenizer from it."""
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    settings = dict(WAN_DEFAULTS)
+    if scheduler.is_file():
+        config = read_json(scheduler)
+        shift = config.get("shift") if config.get("_class_name") == "FlowMatchEulerDiscreteScheduler" else config.get("flow_shift")
+        settings["shift"] = float(shift) if shift is not None else settings["shift"]
+        settings["teacher_solver"] = _SOLVERS.get(config.get("_class_name"), "euler")
+    text_encoder = {"type": "umt5", "path": str(path / "text_encoder"), "tokenizer": str(path / "tokenizer"),
+                    "max_length": 512}
+    return PipelineConfig(**settings, text_encoder=text_encoder)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -142,20 +175,30 @@ class CausVidPipeline:
     @classmethod
     def from_pretrained(
         cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-        with_teacher: bool = True,
+        with_teacher: bool = True, **settings,
     ) -> "CausVidPipeline":
-        """Load a pipeline directory; `with_teacher=False` leaves teacher/ unread (the student never uses it)."""
+        """Load a pipeline directory: ours, or a Wan2.1 diffusers download (`WanPipeline`), whose
+        transformer is then the teacher and the student's starting point. `with_teacher=False` leaves
+        teacher/ unread (the student never uses it); `settings` replace sampling settings (e.g. height)."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint directory not found")
-        config = PipelineConfig.from_dict(read_json(path / "model_index.json"))
+        index = read_json(path / "model_index.json")
         device = resolve_device(device)
         dtype = dtype or default_dtype(device)
-        denoiser = WanDenoiser.from_pretrained(path / "transformer", config.block_frames)
-        teacher = (
-            WanDenoiser.from_pretrained(path / "teacher", config.block_frames)
-            if with_teacher and (path / "teacher").exists() else None
-        )
+        if unknown := set(settings) - {f.name for f in fields(PipelineConfig)}:
+            raise UserError(f"unknown pipeline settings {sorted(unknown)}")
+        if index.get("_class_name") == "WanPipeline":  # a Wan2.1 download: its transformer is the teacher
+            config = replace(wan_pipeline_config(path), **settings)
+            denoiser = WanDenoiser.from_pretrained(path / "transformer", config.block_frames)
+            teacher = denoiser if with_teacher else None
+        else:
+            config = replace(PipelineConfig.from_dict(index), **settings)
+            denoiser = WanDenoiser.from_pretrained(path / "transformer", config.block_frames)
+            teacher = (
+                WanDenoiser.from_pretrained(path / "teacher", config.block_frames)
+                if with_teacher and (path / "teacher").exists() else None
+            )
         autoencoder = VideoAutoencoder.from_pretrained(path / "vae")
         pipe = cls(denoiser, autoencoder, load_text_encoder(config.text_encoder), config, teacher)
         return pipe.to(device, dtype)
@@ -167,7 +210,17 @@ class CausVidPipeline:
         for name, model in parts.items():
             if model is not None:
                 (copy.deepcopy(model).to(dtype) if dtype is not None else model).save_pretrained(path / name)
-        atomic_write_json(path / "model_index.json", self.config.to_dict())
+        atomic_write_json(path / "model_index.json", self.model_index())
+
+    def model_index(self) -> dict:
+        """model_index.json, in diffusers' convention: each component as [library, class], then the settings."""
+        wan = ["diffusers", "WanTransformer3DModel"]
+        encoder = ["causvid", type(self.text_encoder).__name__]
+        components = {"transformer": wan, **({"teacher": wan} if self.teacher is not None else {}),
+                      "vae": ["diffusers", "AutoencoderKLWan"], "text_encoder": encoder}
+        settings = self.config.to_dict()
+        return {"_class_name": "CausVidPipeline", **components, "text_encoder_config": settings.pop("text_encoder"),
+                **settings}
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "CausVidPipeline":
         """Move to `device` and run every model in `dtype`.
@@ -321,7 +374,7 @@ class CausVidPipeline:
 
 def load_pipeline(
     path: str | Path | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-    with_teacher: bool = True,
+    with_teacher: bool = True, **settings,
 ) -> CausVidPipeline:
     """Load a pipeline directory (default: the shipped checkpoint) onto `device` (default: cuda if present)."""
-    return CausVidPipeline.from_pretrained(path or DEFAULT_CHECKPOINT, device, dtype, with_teacher)
+    return CausVidPipeline.from_pretrained(path or DEFAULT_CHECKPOINT, device, dtype, with_teacher, **settings)

@@ -121,11 +121,14 @@ class MiniLMTextEncoder(TextEncoder):
 class UMT5TextEncoder(TextEncoder):
     """UMT5-XXL encoder states (4096-dim, 512 tokens) as Wan2.1 uses, from a local directory."""
 
-    def __init__(self, path: str | Path, max_length: int = 512, cache_size: int = 64, dtype: torch.dtype | None = None):
+    def __init__(self, path: str | Path, max_length: int = 512, cache_size: int = 64, dtype: torch.dtype | None = None,
+                 tokenizer: str | Path | None = None):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         path = _require_dir(Path(path), "UMT5 text encoder")
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # A diffusers download keeps the tokenizer in a folder of its own beside text_encoder/.
+        tokenizer_path = path if tokenizer is None else _require_dir(Path(tokenizer), "tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
         model = UMT5EncoderModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
         super().__init__(tokenizer, model, max_length, cache_size)
 
@@ -136,6 +139,7 @@ def load_text_encoder(spec: dict) -> TextEncoder:
     kwargs = {k: v for k, v in spec.items() if k in ("path", "max_length")}
     if kind == "minilm":
         return MiniLMTextEncoder(**kwargs)
+    kwargs |= {k: v for k, v in spec.items() if k == "tokenizer"}
     if kind == "umt5":
         if "path" not in kwargs:
             raise CheckpointError("text_encoder of type umt5 needs a 'path' to a local directory")

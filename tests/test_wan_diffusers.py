@@ -1,0 +1,73 @@
+"""A Wan2.1 download in diffusers format loads as it is (`WanPipeline`: transformer, vae, UMT5
+text_encoder, tokenizer, scheduler), and our own pipeline directories use the same model_index
+convention while older ones still load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from causvid.cli import main
+from causvid.pipeline import WAN_NEGATIVE_PROMPT, CausVidPipeline, load_pipeline
+from causvid.presets import build_autoencoder, build_transformer
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    """A tiny directory in the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers, built from diffusers'
+    and transformers' own classes, with a tokenizer made offline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+
+    root = tmp_path_factory.mktemp("wan_tiny")
+    build_transformer("tiny", seed=3).save_pretrained(root / "transformer")
+    build_autoencoder("tiny", seed=3).vae.save_pretrained(root / "vae")
+    # A unigram vocabulary as T5's: <pad>, </s>, <unk>, then word pieces with their log-probabilities.
+    words = "a red blue circle square moving left right on black white background".split()
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [("\u2581" + w, -1.0) for w in words]
+    T5TokenizerFast(vocab=vocab, extra_ids=0).save_pretrained(root / "tokenizer")
+    torch.manual_seed(0)
+    UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=384, d_kv=16, d_ff=64, num_layers=1,
+                                num_heads=2)).save_pretrained(root / "text_encoder")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline", "_diffusers_version": "0.33.0",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"]}))
+    return root
+
+
+def test_a_wan_download_loads_with_its_scheduler_shift_and_wan_defaults(wan_dir):
+    pipe = load_pipeline(wan_dir, "cpu", torch.float32, height=32, width=32)
+    assert pipe.config.shift == 3.0 and pipe.config.teacher_solver == "euler"  # from scheduler/
+    assert (pipe.config.teacher_steps, pipe.config.guidance_scale, pipe.config.fps) == (50, 5.0, 16)  # Wan's
+    assert pipe.config.negative_prompt == WAN_NEGATIVE_PROMPT
+    assert pipe.teacher is pipe.denoiser and pipe.text_encoder.dim == 384 and pipe.text_encoder.max_length == 512
+    assert type(pipe.text_encoder.model).__name__ == "UMT5EncoderModel"
+    assert load_pipeline(wan_dir, "cpu").config.height == 480  # Wan's 480x832 unless told otherwise
+
+
+def test_generate_samples_a_wan_download_as_the_teacher(wan_dir, tmp_path):
+    out = tmp_path / "teacher.npy"
+    assert main(["generate", "a red circle moving right", "-o", str(out), "--teacher", "--steps", "2", "--frames", "5",
+                 "--height", "32", "--width", "32", "--checkpoint", str(wan_dir), "--device", "cpu"]) == 0
+    frames = np.load(out)
+    assert frames.shape == (5, 32, 32, 3) and frames.dtype == np.uint8
+
+
+def test_our_directories_name_their_components_and_older_ones_still_load(tiny_checkpoint, tmp_path):
+    index = json.loads((tiny_checkpoint / "model_index.json").read_text())
+    assert index["_class_name"] == "CausVidPipeline"
+    assert index["transformer"] == index["teacher"] == ["diffusers", "WanTransformer3DModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKLWan"] and index["text_encoder"] == ["causvid", "MiniLMTextEncoder"]
+    new = CausVidPipeline.from_pretrained(tiny_checkpoint, "cpu", torch.float32).config
+    old_dir = tmp_path / "old"
+    shutil.copytree(tiny_checkpoint, old_dir)
+    settings = {k: v for k, v in index.items() if not isinstance(v, list) and k != "text_encoder_config"}
+    (old_dir / "model_index.json").write_text(json.dumps(settings | {"text_encoder": index["text_encoder_config"]}))
+    assert CausVidPipeline.from_pretrained(old_dir, "cpu", torch.float32).config == new
