@@ -136,7 +136,17 @@ def convert_checkpoint(source: Path, destination: Path, dtype_name: str) -> None
 
 
 def _convert(args: argparse.Namespace) -> None:
-    convert_checkpoint(args.source, args.destination, args.dtype)
+    if args.source_format == "pipeline":
+        return convert_checkpoint(args.source, args.destination, args.dtype)
+    import torch
+
+    from causvid.convert import convert_download
+
+    if args.base is None:
+        raise UserError(f"--from {args.source_format} needs --base, the Wan2.1 diffusers directory (VAE, text encoder, config)")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    convert_download(args.source_format, args.source, args.destination, args.base, not args.no_ema, dtype)
+    print(f"wrote {args.destination} ({args.dtype})")
 
 
 def _recipe(args: argparse.Namespace) -> None:
@@ -154,9 +164,18 @@ def _recipe(args: argparse.Namespace) -> None:
 
 def register(subparsers) -> None:
     """The core's own commands."""
-    convert = subparsers.add_parser("convert", help="re-save a pipeline (or single model) directory in another dtype, for shipping")
-    convert.add_argument("source", type=Path, help="pipeline or single-model directory")
-    convert.add_argument("destination", type=Path, help="directory to write")
+    from causvid.convert import SOURCES
+
+    convert = subparsers.add_parser(
+        "convert", help="a pipeline directory from downloaded weights, or re-saved in another dtype")
+    convert.add_argument("source", type=Path, help="pipeline or single-model directory, or a downloaded checkpoint file")
+    convert.add_argument("destination", type=Path, help="pipeline directory to write")
+    convert.add_argument("--from", dest="source_format", choices=["pipeline", *SOURCES], default="pipeline",
+                         help="what SOURCE is: one of ours, original Wan2.1 transformer weights, or a released "
+                              "CausVid or Self-Forcing student")
+    convert.add_argument("--base", type=Path, default=None,
+                         help="with a downloaded checkpoint: the Wan2.1 diffusers directory it builds on")
+    convert.add_argument("--no-ema", action="store_true", help="Self-Forcing: take 'generator', not 'generator_ema'")
     convert.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weights' dtype")
     convert.set_defaults(func=_convert)
 

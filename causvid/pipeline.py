@@ -110,6 +110,15 @@ def wan_pipeline_config(path: Path) -> PipelineConfig:
     return PipelineConfig(**settings, text_encoder=text_encoder)
 
 
+def model_index(config: PipelineConfig, with_teacher: bool, text_encoder: str) -> dict:
+    """model_index.json, in diffusers' convention: each component as [library, class], then the settings."""
+    wan = ["diffusers", "WanTransformer3DModel"]
+    components = {"transformer": wan, **({"teacher": wan} if with_teacher else {}),
+                  "vae": ["diffusers", "AutoencoderKLWan"], "text_encoder": ["causvid", text_encoder]}
+    settings = config.to_dict()
+    return {"_class_name": "CausVidPipeline", **components, "text_encoder_config": settings.pop("text_encoder"), **settings}
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """`device`, checked to exist here; None: cuda if present, else cpu."""
     if device is None:
@@ -213,14 +222,7 @@ class CausVidPipeline:
         atomic_write_json(path / "model_index.json", self.model_index())
 
     def model_index(self) -> dict:
-        """model_index.json, in diffusers' convention: each component as [library, class], then the settings."""
-        wan = ["diffusers", "WanTransformer3DModel"]
-        encoder = ["causvid", type(self.text_encoder).__name__]
-        components = {"transformer": wan, **({"teacher": wan} if self.teacher is not None else {}),
-                      "vae": ["diffusers", "AutoencoderKLWan"], "text_encoder": encoder}
-        settings = self.config.to_dict()
-        return {"_class_name": "CausVidPipeline", **components, "text_encoder_config": settings.pop("text_encoder"),
-                **settings}
+        return model_index(self.config, self.teacher is not None, type(self.text_encoder).__name__)
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "CausVidPipeline":
         """Move to `device` and run every model in `dtype`.

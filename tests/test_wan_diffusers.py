@@ -8,38 +8,10 @@ import json
 import shutil
 
 import numpy as np
-import pytest
 import torch
 
 from causvid.cli import main
 from causvid.pipeline import WAN_NEGATIVE_PROMPT, CausVidPipeline, load_pipeline
-from causvid.presets import build_autoencoder, build_transformer
-
-
-@pytest.fixture(scope="module")
-def wan_dir(tmp_path_factory):
-    """A tiny directory in the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers, built from diffusers'
-    and transformers' own classes, with a tokenizer made offline."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
-
-    root = tmp_path_factory.mktemp("wan_tiny")
-    build_transformer("tiny", seed=3).save_pretrained(root / "transformer")
-    build_autoencoder("tiny", seed=3).vae.save_pretrained(root / "vae")
-    # A unigram vocabulary as T5's: <pad>, </s>, <unk>, then word pieces with their log-probabilities.
-    words = "a red blue circle square moving left right on black white background".split()
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [("\u2581" + w, -1.0) for w in words]
-    T5TokenizerFast(vocab=vocab, extra_ids=0).save_pretrained(root / "tokenizer")
-    torch.manual_seed(0)
-    UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=384, d_kv=16, d_ff=64, num_layers=1,
-                                num_heads=2)).save_pretrained(root / "text_encoder")
-    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "WanPipeline", "_diffusers_version": "0.33.0",
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", "WanTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLWan"]}))
-    return root
 
 
 def test_a_wan_download_loads_with_its_scheduler_shift_and_wan_defaults(wan_dir):
