@@ -42,7 +42,9 @@ PRESETS: dict[str, dict] = {
             base_dim=16, z_dim=8, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[True, True],
             latents_mean=[0.0] * 8, latents_std=[1.0] * 8,
         ),
-        "pipeline": dict(height=64, width=64, block_frames=3, shift=3.0, sink_frames=1, window_frames=12,
+        # A stream's context stays what the students are distilled with: a 2-block rollout's second
+        # block sees the first block's 3 frames. Longer windows flood streams (docs/experiments.md).
+        "pipeline": dict(height=64, width=64, block_frames=3, shift=3.0, sink_frames=1, window_frames=2,
                          switch_recache=True),
     },
 }
