@@ -132,6 +132,16 @@ def _bench_stream(args: argparse.Namespace) -> None:
     print(json.dumps(record))
 
 
+def _bench_real(args: argparse.Namespace) -> None:
+    from stream.real_bench import run_real_bench
+
+    _set_threads(args.threads)
+    record = run_real_bench(args.preset, args.device, args.blocks, tuple(args.variant or ["sdpa"]))
+    if args.out is not None:
+        args.out.write_text(json.dumps(record, indent=2))
+    print(json.dumps(record))
+
+
 def _bench_live(args: argparse.Namespace) -> None:
     from stream.live_bench import run_live_bench
 
@@ -206,6 +216,18 @@ def register(subparsers) -> None:
                         help="the server's torch threads (default: one fewer, as `causvid serve` does)")
     add_checkpoint_args(stream)
     stream.set_defaults(func=_bench_stream)
+
+    real = benches.add_parser("real", help="the streaming loop at Wan2.1-1.3B's size (480x832) on random weights")
+    real.add_argument("--preset", choices=("wan-1.3b", "tiny"), default="wan-1.3b",
+                      help="model size: Wan2.1-T2V-1.3B's, or a tiny one that runs the same code on a CPU")
+    real.add_argument("--blocks", type=int, default=8, help="blocks of 3 latent frames (12 video frames) streamed")
+    real.add_argument("--variant", action="append", choices=("sdpa", "flash", "compile"), default=None,
+                      help="measure these (repeatable): SDPA's default kernels, its flash kernel, torch.compile "
+                           "(default: sdpa)")
+    real.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    real.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    real.add_argument("--out", type=Path, default=None, help="also write the JSON record here")
+    real.set_defaults(func=_bench_real)
 
     live = benches.add_parser("live", help="long streams, switch chains and image-to-video, judged per segment")
     live.add_argument("--seconds", type=float, default=600.0, help="length of each single-prompt stream")
