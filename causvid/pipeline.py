@@ -64,7 +64,7 @@ class PipelineConfig:
     window_frames: int = 12  # ...plus this many most recent latent frames
     # On a prompt switch, recompute the cached frames' K/V under the new prompt (LongLive's re-cache).
     # Off unless the student was distilled with it: the shipped student, which was not, holds fewer
-    # switches with it (docs/experiments.md). The presets turn it on for the students they distil.
+    # switches with it (docs/experiments.md).
     switch_recache: bool = False
     text_encoder: dict = field(default_factory=lambda: {"type": "minilm", "max_length": 32})
 
