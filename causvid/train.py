@@ -39,7 +39,8 @@ class TrainConfig:
     objective: str = "teacher"
     out_dir: str = "runs/default"
     max_steps: int = 1000
-    batch_size: int = 8
+    batch_size: int = 8  # per process and micro-batch
+    grad_accumulation: int = 1  # micro-batches per optimiser step: a step sees batch_size x this per process
     lr: dict[str, float] = field(default_factory=lambda: {"model": 1e-4})  # per optimiser
     warmup_steps: int = 50
     decay_steps: int = 0  # linear decay over the last decay_steps steps (warmup-stable-decay); 0: none
@@ -138,6 +139,14 @@ class StepBatches(torch.utils.data.Sampler):
         for step in range(self.start, self.end):
             first = (step * self.world + self.rank) * self.batch
             yield [(first + i) % self.length for i in range(self.batch)]
+
+
+def _micro_batch(batch: dict, index: int, parts: int) -> dict:
+    """Micro-batch `index` of `parts`: an equal slice of every tensor and list in the batch."""
+    if parts == 1:
+        return batch
+    size = len(next(iter(batch.values()))) // parts
+    return {key: value[index * size : (index + 1) * size] for key, value in batch.items()}
 
 
 def step_rng(seed: int, rank: int, step: int) -> torch.Generator:
@@ -337,8 +346,8 @@ def train(config: TrainConfig, objective: Objective) -> int:
         wrapped = {name: torch.compile(module) for name, module in wrapped.items()}
     optimizers = {name: accelerator.prepare(opt) for name, opt in optimizers.items()}
     dataset = objective.dataset()
-    batches = StepBatches(start, config.max_steps, config.batch_size, accelerator.num_processes,
-                          accelerator.process_index, len(dataset))
+    batches = StepBatches(start, config.max_steps, config.batch_size * config.grad_accumulation,
+                          accelerator.num_processes, accelerator.process_index, len(dataset))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers)
     log = MetricsLog(out_dir / "metrics.csv", start) if accelerator.is_main_process else None
 
@@ -354,22 +363,27 @@ def train(config: TrainConfig, objective: Objective) -> int:
             for group in opt.param_groups:
                 group["lr"] = config.lr[name] * lr_factor(config, step)
 
-        # 4. Losses and updates. The objective decides which optimisers step this iteration.
+        # 4. Losses and updates. The objective decides which optimisers step this iteration. With
+        # gradient accumulation the step's batch is split into micro-batches whose gradients add up.
         tick = time.monotonic()
-        rng = step_rng(config.seed, accelerator.process_index, step)
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with accelerator.autocast():
-            losses = objective.losses(wrapped, batch, step, rng)
         logs: dict[str, float] = {}  # this step's; `recent` keeps each optimiser's last, for the log
-        for name, (loss, extra) in losses.items():
-            optimizers[name].zero_grad(set_to_none=True)
-            accelerator.backward(loss)
+        parts = config.grad_accumulation
+        for micro in range(parts):
+            rng = step_rng(config.seed, accelerator.process_index, step * parts + micro)
+            with accelerator.autocast():
+                losses = objective.losses(wrapped, _micro_batch(batch, micro, parts), step, rng)
+            for name, (loss, extra) in losses.items():
+                if micro == 0:
+                    optimizers[name].zero_grad(set_to_none=True)
+                accelerator.backward(loss / parts)
+                logs[f"loss_{name}"] = logs.get(f"loss_{name}", 0.0) + loss.item() / parts
+                logs.update(extra)
+        for name in losses:
             logs[f"grad_norm_{name}"] = float(accelerator.clip_grad_norm_(wrapped[name].parameters(), config.grad_clip))
             optimizers[name].step()
             if name in emas:
                 emas[name].update(modules[name])
-            logs[f"loss_{name}"] = loss.item()
-            logs.update(extra)
         recent.update(logs)  # an optimiser that steps every k-th iteration still shows in the log
         step += 1
         bar.update(1)
