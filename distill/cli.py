@@ -38,12 +38,14 @@ def _ode_pairs(args: argparse.Namespace) -> None:
     config = OdePairsConfig.from_yaml(
         args.config, teacher=args.teacher, out=args.out, num=args.num, batch=args.batch, shard_size=args.shard_size,
         num_frames=args.frames, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+        height=args.height, width=args.width,
     )
     # PartialState spans several CPU processes only when told it runs on CPU (unlike Accelerator,
     # it ignores ACCELERATE_USE_CPU), and it is a singleton: the first call decides.
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     device = args.device or state.device
-    pipe = load_pipeline(config.teacher, device, dtype=torch.float32)
+    size = {k: v for k, v in (("height", config.height), ("width", config.width)) if v is not None}
+    pipe = load_pipeline(config.teacher, device, dtype=torch.float32, **size)
     written = generate_ode_pairs(config, pipe, resume=args.resume)
     print(f"wrote {len(written)} shards to {config.out}")
 
@@ -114,6 +116,8 @@ def register(subparsers) -> None:
     pairs.add_argument("--steps", type=int, default=None, help="Euler steps (default: the pipeline's teacher_steps)")
     pairs.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
     pairs.add_argument("--seed", type=int, default=None, help="prompt and noise seed (default: the config's, else 0)")
+    pairs.add_argument("--height", type=int, default=None, help="frame height (default: the teacher pipeline's)")
+    pairs.add_argument("--width", type=int, default=None, help="frame width (default: the teacher pipeline's)")
     pairs.add_argument("--device", default=None, help="default: this accelerate process's device")
     pairs.add_argument("--resume", action="store_true", help="complete an existing output, skipping finished shards")
     pairs.set_defaults(func=_ode_pairs)

@@ -50,6 +50,8 @@ class OdePairsConfig:
     guidance_scale: float | None = None  # CFG scale (pipeline guidance_scale)
     seed: int = 0
     prompts: str | None = None  # a prompt file (.txt, .jsonl, .csv); None: shapes-world scenes
+    height: int | None = None  # frame size (default: the teacher pipeline's)
+    width: int | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, **overrides) -> "OdePairsConfig":

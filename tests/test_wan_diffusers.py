@@ -43,3 +43,15 @@ def test_our_directories_name_their_components_and_older_ones_still_load(tiny_ch
     settings = {k: v for k, v in index.items() if not isinstance(v, list) and k != "text_encoder_config"}
     (old_dir / "model_index.json").write_text(json.dumps(settings | {"text_encoder": index["text_encoder_config"]}))
     assert CausVidPipeline.from_pretrained(old_dir, "cpu", torch.float32).config == new
+
+
+def test_a_wan_download_is_the_teacher_of_an_ode_pairs_run(wan_dir, tmp_path):
+    out = tmp_path / "pairs"
+    assert main(["distill", "ode-pairs", "--teacher", str(wan_dir), "--out", str(out), "--num", "2", "--batch", "2",
+                 "--frames", "5", "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["latent_shape"][2:] == [8, 8] and manifest["negative_prompt"] == WAN_NEGATIVE_PROMPT
+    from causvid.checkpoint import load_tensors
+
+    trajectory = load_tensors(out / "shard-00000.safetensors")["trajectory"]
+    assert trajectory.shape[0] == 2 and torch.isfinite(trajectory.float()).all()
