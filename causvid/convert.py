@@ -11,10 +11,13 @@ Only this module reads a pickle, with `torch.load(weights_only=True)`; what it w
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from causvid.checkpoint import atomic_directory, atomic_write_json, read_json, save_diffusers_model
 from causvid.errors import UserError
 
 # Wan's module names -> diffusers' (the facts of diffusers' scripts/convert_wan_to_diffusers.py).
@@ -149,11 +152,7 @@ def convert_download(kind: str, source: Path, destination: Path, base: Path, ema
     config, the VAE and the text encoder (read from there, not copied), and the teacher's sampling
     settings; a released student's own settings replace the student's.
     """
-    import shutil
-    from dataclasses import replace
-
-    from causvid.checkpoint import atomic_directory, atomic_write_json, read_json, save_diffusers_model
-    from causvid.pipeline import model_index, wan_pipeline_config
+    from causvid.pipeline import model_index, wan_pipeline_config  # here: the pipeline is a heavy import
 
     if kind not in SOURCES:
         raise UserError(f"unknown source format {kind!r} (expected one of {', '.join(SOURCES)})")

@@ -97,35 +97,38 @@ def recipe_steps(target: str | Path, configs_root: str | Path) -> list[Path]:
     return order
 
 
-def step_command(path: Path) -> list[str]:
+def step_command(path: Path, config: dict) -> list[str]:
     """The `causvid` arguments that run (or resume) one step."""
-    kind = load_config_file(path).get("objective", "teacher")
+    kind = config.get("objective", "teacher")
     if kind not in COMMANDS:
         raise UserError(f"{path}: unknown objective {kind!r} (expected one of {', '.join(COMMANDS)})")
     return [*COMMANDS[kind], "--config", str(path), "--resume"]
 
 
-def step_finished(path: Path) -> bool:
+def step_finished(config: dict) -> bool:
     """Whether a training step reached its max_steps (ODE pairs resume by shard, so they always run)."""
-    config = load_config_file(path)
+    from causvid.train import TrainConfig  # here: train.py reads its configs through this module
+
     latest = Path(config.get("out_dir", "")) / "latest.json"
     if config.get("objective") == "ode_pairs" or not latest.is_file():
         return False
-    return read_json(latest)["step"] >= config.get("max_steps", 1000)
+    return read_json(latest)["step"] >= config.get("max_steps", TrainConfig.max_steps)
 
 
 def run_recipe(target: Path, configs_root: Path, extra: list[str], dry_run: bool = False) -> None:
     """Run every unfinished step of `target`'s recipe as its own `causvid` process, in order."""
     steps = recipe_steps(target, configs_root)
     for number, path in enumerate(steps, 1):
-        done = step_finished(path)
-        command = [sys.executable, "-m", "causvid.cli", *step_command(path)]
-        if not done and load_config_file(path).get("objective") != "ode_pairs":
+        config = load_config_file(path)
+        training = config.get("objective") != "ode_pairs"
+        done = step_finished(config)
+        command = [sys.executable, "-m", "causvid.cli", *step_command(path, config)]
+        if not done and training:
             command += extra
         print(f"[{number}/{len(steps)}] {'finished: ' if done else ''}causvid {' '.join(command[3:])}", flush=True)
         if done or dry_run:
             continue
         if subprocess.run(command).returncode != 0:
             raise UserError(f"step {number} ({path}) failed; fix it and rerun the recipe to continue from there")
-        if load_config_file(path).get("objective") != "ode_pairs" and not step_finished(path):
+        if training and not step_finished(config):
             raise UserError(f"step {number} ({path}) stopped before max_steps; rerun the recipe to resume it")

@@ -73,6 +73,20 @@ class ServerConfig:
     model_threads: int | None = None
 
 
+def bind_error(host: str, port: int, error: OSError) -> str:
+    """Why a server cannot listen on host:port, with the fix, as one line."""
+    where = f"{host}:{port}"
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve host {host!r}; use an address such as 127.0.0.1"
+    if error.errno == errno.EADDRINUSE:
+        return f"cannot listen on {where}: the port is in use; choose another --port (0 picks a free one)"
+    if error.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges); use a port >= 1024"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: {host} is not an address of this machine"
+    return f"cannot listen on {where}: {error.strerror or error}"
+
+
 class StreamServer:
     """Serves a loaded pipeline to websocket clients. Use as `async with StreamServer(...) as server`."""
 
@@ -112,20 +126,9 @@ class StreamServer:
             )
         except OSError as error:
             await self.close()
-            raise UserError(self._bind_error(error)) from None
+            raise UserError(bind_error(self.config.host, self.config.port, error)) from None
         return self
 
-    def _bind_error(self, error: OSError) -> str:
-        where = f"{self.config.host}:{self.config.port}"
-        if isinstance(error, socket.gaierror):
-            return f"cannot resolve host {self.config.host!r}; use an address such as 127.0.0.1"
-        if error.errno == errno.EADDRINUSE:
-            return f"cannot listen on {where}: the port is in use; choose another --port (0 picks a free one)"
-        if error.errno == errno.EACCES:
-            return f"cannot listen on {where}: permission denied (ports below 1024 need privileges); use a port >= 1024"
-        if error.errno == errno.EADDRNOTAVAIL:
-            return f"cannot listen on {where}: {self.config.host} is not an address of this machine"
-        return f"cannot listen on {where}: {error.strerror or error}"
 
     async def __aexit__(self, *exc) -> None:
         await self.close()

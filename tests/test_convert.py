@@ -3,6 +3,7 @@ released CausVid and Self-Forcing students, with every key accounted for."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -157,17 +158,22 @@ def test_released_checkpoints_convert_load_generate_and_stream(kind, layout, wan
 
 
 def _stream_through_the_server(pipe) -> None:
-    from stream.server import ServerConfig, ServerThread
+    from PIL import Image
     from websockets.sync.client import connect
+
+    from stream.protocol import unpack_frame
+    from stream.server import ServerConfig, ServerThread
 
     with ServerThread(pipe, ServerConfig(port=0)) as running, connect(running.server.ws_url) as ws:
         json.loads(ws.recv())  # hello
         ws.send(json.dumps({"type": "start", "prompt": "a red circle", "pacing": "fast", "max_frames": 5}))
-        frames = 0
-        while frames < 5:
+        frames = []
+        while len(frames) < 5:
             message = ws.recv(timeout=60)
-            frames += isinstance(message, bytes)
-    assert frames == 5 and np.isfinite(frames)
+            if isinstance(message, bytes):
+                frames.append(unpack_frame(message))
+    assert [header.index for header, _ in frames] == list(range(5))
+    assert all(np.asarray(Image.open(io.BytesIO(jpeg))).shape == (32, 32, 3) for _, jpeg in frames)
 
 
 def test_a_converter_needs_a_base_and_a_real_checkpoint(wan_dir, tmp_path, capsys):

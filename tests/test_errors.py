@@ -14,7 +14,7 @@ from causvid.cli import main
 from causvid.errors import UserError
 from causvid.video_io import read_video, write_video
 from stream.protocol import Limits, ProtocolError, parse_message
-from stream.server import ServerConfig, ServerThread, StreamServer
+from stream.server import ServerConfig, ServerThread, bind_error
 
 
 def _one_line_error(capsys, argv: list[str], *expected: str) -> str:
@@ -46,10 +46,8 @@ def test_serve_on_a_busy_port_a_bad_port_or_an_unknown_host(tiny_checkpoint, cap
 
 
 def test_bind_errors_name_the_fix():
-    server = StreamServer.__new__(StreamServer)
-    server.config = ServerConfig(host="127.0.0.1", port=80)
-    assert "ports below 1024 need privileges" in server._bind_error(OSError(errno.EACCES, "Permission denied"))
-    assert "not an address of this machine" in server._bind_error(OSError(errno.EADDRNOTAVAIL, "Cannot assign"))
+    assert "ports below 1024 need privileges" in bind_error("127.0.0.1", 80, OSError(errno.EACCES, "Permission denied"))
+    assert "not an address of this machine" in bind_error("10.9.9.9", 80, OSError(errno.EADDRNOTAVAIL, "Cannot assign"))
 
 
 def test_client_without_a_server_or_with_a_wrong_url(tmp_path, capsys):
