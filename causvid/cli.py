@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from causvid.errors import UserError
+from causvid.pipeline import MODES
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -37,11 +38,12 @@ def _generate(args: argparse.Namespace) -> None:
         raise UserError(f"{args.output}: folder {args.output.parent} does not exist; create it first")
     prompt = check_prompt(args.prompt)
     size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
-    pipe = load_pipeline(args.checkpoint, args.device, with_teacher=args.teacher, **size)
-    total = (args.steps or pipe.config.teacher_steps) if args.teacher else args.frames
-    with tqdm(total=total, unit="step" if args.teacher else "frame", desc="teacher" if args.teacher else "student") as bar:
+    student = args.mode == "student"
+    pipe = load_pipeline(args.checkpoint, args.device, with_teacher=not student, **size)
+    total = args.frames if student else (args.steps or pipe.config.teacher_steps)
+    with tqdm(total=total, unit="frame" if student else "step", desc=args.mode) as bar:
         frames = pipe.generate(
-            prompt, args.frames, args.seed, steps=args.steps, teacher=args.teacher,
+            prompt, args.frames, args.seed, steps=args.steps, mode=args.mode,
             use_kv_cache=not args.no_kv_cache, guidance_scale=args.guidance_scale,
             progress=lambda done: bar.update(done - bar.n),
         )
@@ -191,12 +193,12 @@ def register(subparsers) -> None:
     recipe.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of --to")
     recipe.set_defaults(func=_recipe)
 
-    train = subparsers.add_parser("train", help="train the autoencoder or the bidirectional teacher")
-    train.add_argument("objective", choices=["autoencoder", "teacher"], help="what to train (the config must agree)")
+    train = subparsers.add_parser("train", help="train the autoencoder, the bidirectional teacher or the parallel model (vin)")
+    train.add_argument("objective", choices=["autoencoder", "teacher", "vin"], help="what to train (the config must agree)")
     add_training_args(train)
     train.set_defaults(func=_train)
 
-    gen = subparsers.add_parser("generate", help="text to video with the causal student (or --teacher)")
+    gen = subparsers.add_parser("generate", help="text to video with the causal student (or the teacher, or in parallel)")
     gen.add_argument("prompt", help="what the video shows, e.g. 'a red circle moving right on a black background'")
     gen.add_argument("-o", "--output", type=Path, required=True, help="out.mp4, out.gif or out.npy")
     gen.add_argument("--frames", type=int, default=33, help="pixel frames to generate")
@@ -204,7 +206,10 @@ def register(subparsers) -> None:
     gen.add_argument("--height", type=int, default=None, help="frame height in pixels (default: the checkpoint's)")
     gen.add_argument("--width", type=int, default=None, help="frame width in pixels (default: the checkpoint's)")
     gen.add_argument("--steps", type=int, default=None, help="student steps (default 4) or teacher steps (default 50)")
-    gen.add_argument("--teacher", action="store_true", help="sample the bidirectional teacher with CFG")
+    gen.add_argument("--mode", choices=MODES, default="student",
+                     help="student: the causal student; teacher: the bidirectional teacher with CFG; parallel: a long "
+                          "video as chunks denoised at once, guided by the Video Interface Network")
+    gen.add_argument("--teacher", dest="mode", action="store_const", const="teacher", help="short for --mode teacher")
     gen.add_argument("--guidance-scale", type=float, default=None, help="teacher CFG scale (default: the pipeline's)")
     gen.add_argument("--no-kv-cache", action="store_true", help="recompute with the full block-causal mask")
     add_checkpoint_args(gen)

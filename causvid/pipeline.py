@@ -5,6 +5,8 @@ A pipeline directory is diffusers-shaped:
     model_index.json   the pipeline config (`PipelineConfig`)
     transformer/       the causal student (a plain diffusers WanTransformer3DModel)
     teacher/           optional: the bidirectional teacher, same class
+    vin/               optional: a Video Interface Network (parallel long-video mode)...
+    vin_transformer/   ...and the DiT it guides, a WanTransformer3DModel
     vae/               AutoencoderKLWan
 
 The text encoder is named in the config, not stored: MiniLM comes from its PyPI package,
@@ -28,6 +30,8 @@ from causvid.errors import UserError
 from causvid.frames import clip_to_tensor, to_uint8
 from causvid.models.autoencoder import VideoAutoencoder
 from causvid.models.denoiser import WanDenoiser
+from causvid.models.vin import VideoInterfaceNetwork
+from causvid.parallel import ChunkLayout, ParallelDenoiser
 from causvid.rollout import CausalRollout
 from causvid.samplers import guided_velocity, sample_euler, sample_unipc
 from causvid.schedule import add_noise, sigmas_from, student_sigmas, teacher_sigmas
@@ -66,6 +70,13 @@ class PipelineConfig:
     # Off unless the student was distilled with it: the shipped student, which was not, holds fewer
     # switches with it (docs/experiments.md).
     switch_recache: bool = False
+    # Parallel long videos (mode "parallel"): chunks of chunk_frames latent frames, each seeing the
+    # context_frames before it, so a chunk's window is the teacher's clip length (5 + 1 = 6 latent
+    # frames, 21 pixel frames); overlaps blend while sigma > blend_cutoff, the early steps that lay
+    # out the scene, and later follow the chunk that owns them.
+    chunk_frames: int = 5
+    context_frames: int = 1
+    blend_cutoff: float = 0.5
     text_encoder: dict = field(default_factory=lambda: {"type": "minilm", "max_length": 32})
 
     @classmethod
@@ -110,10 +121,11 @@ def wan_pipeline_config(path: Path) -> PipelineConfig:
     return PipelineConfig(**settings, text_encoder=text_encoder)
 
 
-def model_index(config: PipelineConfig, with_teacher: bool, text_encoder: str) -> dict:
+def model_index(config: PipelineConfig, with_teacher: bool, text_encoder: str, with_vin: bool = False) -> dict:
     """model_index.json, in diffusers' convention: each component as [library, class], then the settings."""
     wan = ["diffusers", "WanTransformer3DModel"]
-    components = {"transformer": wan, **({"teacher": wan} if with_teacher else {}),
+    vin = {"vin": ["causvid", "VideoInterfaceNetwork"], "vin_transformer": wan} if with_vin else {}
+    components = {"transformer": wan, **({"teacher": wan} if with_teacher else {}), **vin,
                   "vae": ["diffusers", "AutoencoderKLWan"], "text_encoder": ["causvid", text_encoder]}
     settings = config.to_dict()
     return {"_class_name": "CausVidPipeline", **components, "text_encoder_config": settings.pop("text_encoder"), **settings}
@@ -145,8 +157,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+MODES = ("student", "teacher", "parallel")
+
+
 class CausVidPipeline:
-    """Prompt -> uint8 frames, with the causal student (streaming) or the bidirectional teacher."""
+    """Prompt -> uint8 frames: the causal student (streaming), the bidirectional teacher, or the
+    parallel long-video model (DiT chunks guided by a Video Interface Network)."""
 
     def __init__(
         self,
@@ -155,12 +171,14 @@ class CausVidPipeline:
         text_encoder: TextEncoder,
         config: PipelineConfig | None = None,
         teacher: WanDenoiser | None = None,
+        parallel: ParallelDenoiser | None = None,
     ):
         self.denoiser = denoiser.eval()
         self.autoencoder = autoencoder.eval()
         self.text_encoder = text_encoder
         self.config = config or PipelineConfig()
         self.teacher = teacher.eval() if teacher is not None else None
+        self.parallel = parallel.eval() if parallel is not None else None
         self.device = next(denoiser.parameters()).device
         if self.denoiser.block_frames != self.config.block_frames:
             raise UserError(f"denoiser block_frames {denoiser.block_frames} != config {self.config.block_frames}")
@@ -168,7 +186,8 @@ class CausVidPipeline:
 
     def _check_compatible(self) -> None:
         z = self.autoencoder.latent_channels
-        for name, model in (("transformer", self.denoiser), ("teacher", self.teacher)):
+        vin_transformer = self.parallel.denoiser if self.parallel is not None else None
+        for name, model in (("transformer", self.denoiser), ("teacher", self.teacher), ("vin_transformer", vin_transformer)):
             if model is None:
                 continue
             if model.config.out_channels != z:
@@ -188,7 +207,7 @@ class CausVidPipeline:
     ) -> "CausVidPipeline":
         """Load a pipeline directory: ours, or a Wan2.1 diffusers download (`WanPipeline`), whose
         transformer is then the teacher and the student's starting point. `with_teacher=False` leaves
-        teacher/ unread (the student never uses it); `settings` replace sampling settings (e.g. height)."""
+        teacher/ unread (the student never uses it); `settings` replace sampling settings (e.g. height). The parallel model (vin/) loads with the teacher."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint directory not found")
@@ -208,21 +227,31 @@ class CausVidPipeline:
                 WanDenoiser.from_pretrained(path / "teacher", config.block_frames)
                 if with_teacher and (path / "teacher").exists() else None
             )
+        parallel = None
+        if with_teacher and (path / "vin").is_dir():
+            parallel = ParallelDenoiser(
+                WanDenoiser.from_pretrained(path / "vin_transformer", config.block_frames),
+                config.chunk_frames, config.context_frames, config.blend_cutoff,
+                VideoInterfaceNetwork.from_pretrained(path / "vin"),
+            )
         autoencoder = VideoAutoencoder.from_pretrained(path / "vae")
-        pipe = cls(denoiser, autoencoder, load_text_encoder(config.text_encoder), config, teacher)
+        pipe = cls(denoiser, autoencoder, load_text_encoder(config.text_encoder), config, teacher, parallel)
         return pipe.to(device, dtype)
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
         """Write the pipeline directory; `dtype` (e.g. bf16 for shipping) casts copies, not the models."""
         path = Path(path)
         parts = {"transformer": self.denoiser, "teacher": self.teacher, "vae": self.autoencoder}
+        if self.parallel is not None:
+            parts.update(vin=self.parallel.vin, vin_transformer=self.parallel.denoiser)
         for name, model in parts.items():
             if model is not None:
                 (copy.deepcopy(model).to(dtype) if dtype is not None else model).save_pretrained(path / name)
         atomic_write_json(path / "model_index.json", self.model_index())
 
     def model_index(self) -> dict:
-        return model_index(self.config, self.teacher is not None, type(self.text_encoder).__name__)
+        return model_index(self.config, self.teacher is not None, type(self.text_encoder).__name__,
+                           self.parallel is not None)
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "CausVidPipeline":
         """Move to `device` and run every model in `dtype`.
@@ -232,7 +261,7 @@ class CausVidPipeline:
         The autoencoder's convolutions go channels-last, their fastest layout.
         """
         self.device = torch.device(device)
-        for model in (self.denoiser, self.teacher):
+        for model in (self.denoiser, self.teacher, self.parallel):
             if model is not None:
                 model.to(self.device, dtype)
         self.autoencoder.to(self.device, dtype).channels_last()
@@ -307,26 +336,36 @@ class CausVidPipeline:
         seed: int = 0,
         steps: int | None = None,
         use_kv_cache: bool = True,
-        teacher: bool = False,
+        mode: str = "student",
         guidance_scale: float | None = None,
         progress: Callable[[int], None] | None = None,
         video: np.ndarray | None = None,
         noise_level: float = 1.0,
     ) -> np.ndarray:
-        """uint8 frames [T, H, W, 3]. `teacher=True` samples the bidirectional teacher with CFG.
+        """uint8 frames [T, H, W, 3] from the `mode` model (`MODES`).
 
-        `progress` is called with the number of frames done (student) or steps done (teacher).
-        With `video` (uint8 [T, H, W, 3]) the teacher starts from it, encoded and noised to
-        `noise_level`, and runs the rest of its schedule (SDEdit): low levels keep the layout
-        and motion of `video`, 1.0 keeps nothing. The student's live video-to-video is `stream`'s.
+        "student" streams the causal student; "teacher" samples the bidirectional teacher with CFG;
+        "parallel" samples a video of any length as chunks in parallel, guided by the Video
+        Interface Network (`generate_parallel`). `progress` is called with the number of frames done
+        (student) or steps done (the others). With `video` (uint8 [T, H, W, 3]) the teacher starts
+        from it, encoded and noised to `noise_level`, and runs the rest of its schedule (SDEdit): low
+        levels keep the layout and motion of `video`, 1.0 keeps nothing. The student's live
+        video-to-video is `stream`'s.
         """
+        if mode not in MODES:
+            raise UserError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         if num_frames < 1:
             raise UserError(f"num_frames must be >= 1, got {num_frames}")
-        if video is not None and not teacher:
-            raise UserError("starting from a video is for the teacher (teacher=True)")
+        if video is not None and mode != "teacher":
+            raise UserError('starting from a video is for the teacher (mode="teacher")')
         prompt = check_prompt(prompt)
-        if teacher:
-            return self._generate_teacher(prompt, num_frames, seed, steps, guidance_scale, progress, video, noise_level)
+        if mode == "teacher":
+            if self.teacher is None:
+                raise CheckpointError("this checkpoint has no teacher/ directory")
+            return self._sample_bidirectional(self.teacher, prompt, num_frames, 1 + math.ceil((num_frames - 1) / 4),
+                                              seed, steps, guidance_scale, progress, video, noise_level)
+        if mode == "parallel":
+            return self.generate_parallel(prompt, num_frames, seed, steps, guidance_scale, progress)
         frames = []
         for frame in self.stream(prompt, seed, num_frames, steps, use_kv_cache):
             frames.append(frame)
@@ -334,13 +373,41 @@ class CausVidPipeline:
                 progress(len(frames))
         return np.stack(frames)
 
-    @torch.inference_mode()
-    def _generate_teacher(
-        self, prompt, num_frames, seed, steps, guidance_scale, progress, video, noise_level
+    def generate_parallel(
+        self,
+        prompt: str,
+        num_frames: int,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        progress: Callable[[int], None] | None = None,
+        global_tokens: bool = True,
     ) -> np.ndarray:
-        if self.teacher is None:
+        """uint8 frames [num_frames, H, W, 3], every chunk denoised at once at each of the teacher's steps.
+
+        The video is padded up to whole chunks and cropped. `global_tokens=False` runs the
+        teacher on the same chunks with the same overlap fusion but no Video Interface Network:
+        the chunk-parallel baseline (FreeNoise- or Gen-L-Video-like) the VIN is measured against.
+        """
+        prompt = check_prompt(prompt)
+        if global_tokens and self.parallel is None:
+            raise CheckpointError("this checkpoint has no vin/ directory (train one with causvid train vin)")
+        if not global_tokens and self.teacher is None:
             raise CheckpointError("this checkpoint has no teacher/ directory")
-        latent_frames = 1 + math.ceil((num_frames - 1) / 4)
+        config = self.config
+        model = self.parallel if global_tokens else ParallelDenoiser(
+            self.teacher, config.chunk_frames, config.context_frames, config.blend_cutoff
+        )
+        layout = ChunkLayout.covering(1 + math.ceil((num_frames - 1) / 4), config.chunk_frames, config.context_frames)
+        return self._sample_bidirectional(model, prompt, num_frames, layout.total_frames, seed, steps,
+                                          guidance_scale, progress)
+
+    @torch.inference_mode()
+    def _sample_bidirectional(
+        self, denoiser, prompt, num_frames, latent_frames, seed, steps, guidance_scale, progress,
+        video=None, noise_level=1.0,
+    ) -> np.ndarray:
+        """Sample `latent_frames` latent frames with a bidirectional denoiser and CFG; the first `num_frames` frames."""
         channels, height, width = self.latent_shape
         rng = torch.Generator("cpu").manual_seed(seed)
         start = torch.randn((1, channels, latent_frames, height, width), generator=rng).to(self.device)
@@ -352,7 +419,7 @@ class CausVidPipeline:
             sigmas = sigmas_from(sigmas, noise_level)
             start = add_noise(self._encode_video(video, num_frames), start, sigmas[:1])
         velocity = guided_velocity(
-            self.teacher,
+            denoiser,
             self.encode_prompt(prompt),
             self.encode_prompt(self.config.negative_prompt),
             self.config.guidance_scale if guidance_scale is None else guidance_scale,

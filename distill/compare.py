@@ -32,7 +32,7 @@ def bench(
     """shapes-bench report of the pipeline's student (or its teacher, 50-step CFG) on `cases`."""
 
     def generate(prompt: str, seed: int, frames: int) -> np.ndarray:
-        return pipe.generate(prompt, frames, seed, steps=steps, teacher=teacher)
+        return pipe.generate(prompt, frames, seed, steps=steps, mode="teacher" if teacher else "student")
 
     return run_bench(generate, cases, num_frames, seeds, pipe.config.height, pipe.config.width, on_video)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import resource
 import sys
 import time
@@ -18,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from causvid.errors import UserError
+from causvid.eval.cost import flop_counter, rss_mb
 from causvid.models.autoencoder import num_latent_frames
 from causvid.pipeline import CausVidPipeline, load_pipeline
 from causvid.samplers import guided_velocity
@@ -29,15 +28,6 @@ from stream.server import ServerConfig, StreamServer
 
 
 DEFAULT_PROMPTS = ("a red circle moving right on a black background", "a blue square bouncing on gray")
-
-
-def _rss_mb() -> float | None:
-    """Current resident memory (Linux), to see whether a long stream grows."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _peak_rss_mb() -> float:
@@ -104,9 +94,9 @@ async def _serve_and_measure(pipe: CausVidPipeline, seconds: float, single_secon
         threads = torch.get_num_threads()
         await _stream(server.ws_url, prompts[0], 0, 0.0, min_blocks=1)  # warm-up: first-call costs are not streaming
         await server.engine.call(lambda: None)  # the warm-up's block still in flight finishes first
-        rss_start = _rss_mb()
+        rss_start = rss_mb()
         single = _single(*await _stream(server.ws_url, prompts[0], 0, single_seconds, min_blocks), first_block=1 + 4 * (k - 1))
-        memory = {"rss_start_mb": rss_start, "rss_end_mb": _rss_mb()}
+        memory = {"rss_start_mb": rss_start, "rss_end_mb": rss_mb()}
         # Video to video, fed like a camera at the model's fps: latency from input to output frame.
         video = np.random.default_rng(0).integers(0, 256, (1 + 8 * k, pipe.config.height, pipe.config.width, 3), np.uint8)
         v2v = await record_async(server.ws_url, prompts[0], video=video)
@@ -134,7 +124,7 @@ def _student_vs_teacher(pipe: CausVidPipeline, prompts: tuple[str, ...], frames:
                 student_first += time.perf_counter() - start
         student_s += time.perf_counter() - start
         start = time.perf_counter()
-        pipe.generate(prompt, frames, seed, teacher=True)
+        pipe.generate(prompt, frames, seed, mode="teacher")
         teacher_s += time.perf_counter() - start  # the teacher's first frame exists only with its last
     clips = len(prompts)
     return {
@@ -172,7 +162,7 @@ def _denoiser_flops(pipe: CausVidPipeline, prompt: str) -> dict:
     rollout, text = pipe.new_rollout(0), pipe.encode_prompt(prompt)
     while rollout.cache.cached_frames < cfg.sink_frames + cfg.window_frames:
         rollout.next_block(text)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         rollout.next_block(text)
     start = time.perf_counter()
     rollout.next_block(text)
@@ -194,7 +184,7 @@ def _teacher_flops_per_frame(pipe: CausVidPipeline, prompt: str, frames: int) ->
     x = torch.randn(1, channels, num_latent_frames(frames), height, width, device=pipe.device)
     velocity = guided_velocity(pipe.teacher, pipe.encode_prompt(prompt), pipe.encode_prompt(pipe.config.negative_prompt),
                                pipe.config.guidance_scale)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         velocity(x, torch.ones(1, device=pipe.device))
     return counter.get_total_flops() * pipe.config.teacher_steps / frames
 

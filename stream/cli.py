@@ -13,6 +13,7 @@ from pathlib import Path
 
 from causvid.cli import add_checkpoint_args
 from causvid.errors import UserError
+from causvid.eval.long_bench import METHODS
 from causvid.text import check_prompt
 
 # Frames a text- or image-to-video recording keeps by default; video-to-video follows its input.
@@ -156,6 +157,23 @@ def _bench_live(args: argparse.Namespace) -> None:
     print(json.dumps(record))
 
 
+def _bench_long(args: argparse.Namespace) -> None:
+    from causvid.eval.long_bench import format_table, run_long_bench
+    from causvid.eval.shapes_bench import default_prompt_set
+    from causvid.pipeline import load_pipeline
+
+    _set_threads(args.threads)
+    pipe = load_pipeline(args.checkpoint, args.device)
+    cases = [case for case in default_prompt_set(args.cases, seed=0, num_pairs=args.pairs) if case.split == "seen"]
+    record = run_long_bench(pipe, cases, args.chunks, args.seeds, args.method or METHODS,
+                            args.teacher_max_chunks, args.steps, args.sheet)
+    if args.out is not None:
+        args.out.write_text(json.dumps(record, indent=2))
+    if args.table is not None:
+        args.table.write_text(format_table(record) + "\n")
+    print(json.dumps(record))
+
+
 class _SwitchAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         try:
@@ -165,7 +183,7 @@ class _SwitchAction(argparse.Action):
 
 
 def register(subparsers) -> None:
-    """Add serve, client and bench (with its stream subcommand)."""
+    """Add serve, client and bench (stream, real, live and long)."""
     serve = subparsers.add_parser("serve", help="serve live generation over websockets, with a web page")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8765, help="0 picks a free port")
@@ -243,3 +261,20 @@ def register(subparsers) -> None:
     live.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_checkpoint_args(live)
     live.set_defaults(func=_bench_live)
+
+    long = benches.add_parser("long", help="long videos: full-attention teacher, parallel chunks, VIN, causal student")
+    long.add_argument("--chunks", type=int, nargs="+", default=[4, 8, 16], help="video lengths, in chunks")
+    long.add_argument("--cases", type=int, default=4, help="seen single-object scenes")
+    long.add_argument("--pairs", type=int, default=2, help="seen two-object scenes (colours that must not swap)")
+    long.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds of every case")
+    long.add_argument("--method", action="append", choices=METHODS, default=None,
+                      help="measure these (repeatable; default: all)")
+    long.add_argument("--teacher-max-chunks", type=int, default=16,
+                      help="longest video the full-attention teacher runs (its cost grows with the square)")
+    long.add_argument("--steps", type=int, default=None, help="steps of the bidirectional methods (default: the teacher's)")
+    long.add_argument("--sheet", type=Path, default=None, help="write a contact sheet (PNG) of the longest videos here")
+    long.add_argument("--table", type=Path, default=None, help="also write a markdown table here")
+    long.add_argument("--out", type=Path, default=None, help="also write the JSON record here")
+    long.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_checkpoint_args(long)
+    long.set_defaults(func=_bench_long)

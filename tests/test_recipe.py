@@ -50,11 +50,11 @@ def test_every_config_parses_and_binds_its_objective(path):
     config = TrainConfig.from_yaml(path)
     objective = ALL_OBJECTIVES[config.objective]
     inspect.signature(objective.__init__).bind(None, config, **config.objective_args)
-    assert set(config.lr) <= {"autoencoder", "discriminator", "teacher", "student", "critic"}
+    assert set(config.lr) <= {"autoencoder", "discriminator", "teacher", "student", "critic", "parallel"}
 
 
 def test_the_shipped_recipes_chain_through_runs_only():
-    for target, first, count in (("shapes/22_dmd.yaml", "shapes/01_autoencoder.yaml", 22),
+    for target, first, count in (("shapes/23_vin.yaml", "shapes/01_autoencoder.yaml", 23),
                                  ("shapes_vae_adversarial/04_decoder_adversarial.yaml", "shapes/01_autoencoder.yaml", 18)):
         steps = recipe_steps(CONFIGS / target, CONFIGS)
         assert len(steps) == count and steps[0] == CONFIGS / first and steps[-1] == CONFIGS / target

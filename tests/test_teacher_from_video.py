@@ -19,10 +19,10 @@ def _video(frames: int = 9) -> np.ndarray:
 
 def test_full_noise_ignores_the_video_and_low_noise_keeps_it(tiny_pipeline):
     video = _video()
-    plain = tiny_pipeline.generate("a red circle", 9, seed=3, teacher=True, steps=4)
-    full = tiny_pipeline.generate("a red circle", 9, seed=3, teacher=True, steps=4, video=video, noise_level=1.0)
+    plain = tiny_pipeline.generate("a red circle", 9, seed=3, mode="teacher", steps=4)
+    full = tiny_pipeline.generate("a red circle", 9, seed=3, mode="teacher", steps=4, video=video, noise_level=1.0)
     assert np.array_equal(plain, full)
-    kept = tiny_pipeline.generate("a red circle", 9, seed=3, teacher=True, steps=4, video=video, noise_level=1e-4)
+    kept = tiny_pipeline.generate("a red circle", 9, seed=3, mode="teacher", steps=4, video=video, noise_level=1e-4)
     autoencoder = tiny_pipeline.autoencoder
     round_trip = to_uint8(autoencoder.decode(tiny_pipeline._encode_video(video, 9)))
     assert np.abs(kept.astype(int) - round_trip.astype(int)).max() <= 2
@@ -31,11 +31,11 @@ def test_full_noise_ignores_the_video_and_low_noise_keeps_it(tiny_pipeline):
 
 def test_bad_start_videos_are_refused(tiny_pipeline):
     with pytest.raises(ValueError, match=r"uint8 \[9, 32, 32, 3\]"):
-        tiny_pipeline.generate("x", 9, teacher=True, steps=2, video=_video()[:, :16], noise_level=0.5)
+        tiny_pipeline.generate("x", 9, mode="teacher", steps=2, video=_video()[:, :16], noise_level=0.5)
     with pytest.raises(ValueError, match="for the teacher"):
         tiny_pipeline.generate("x", 9, video=_video(), noise_level=0.5)
     with pytest.raises(ValueError, match="start noise level"):
-        tiny_pipeline.generate("x", 9, teacher=True, steps=2, video=_video(), noise_level=0.0)
+        tiny_pipeline.generate("x", 9, mode="teacher", steps=2, video=_video(), noise_level=0.0)
 
 
 def test_eval_from_a_noise_level_scores_partly_denoised_ground_truth(tiny_checkpoint, tmp_path):

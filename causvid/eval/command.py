@@ -86,7 +86,7 @@ def _eval(args: argparse.Namespace) -> None:
         height, width = pipe.config.height, pipe.config.width
 
         def sample(prompt: str, seed: int, num_frames: int, **start):
-            return pipe.generate(prompt, num_frames, seed, steps=args.steps, teacher=args.teacher,
+            return pipe.generate(prompt, num_frames, seed, steps=args.steps, mode="teacher" if args.teacher else "student",
                                  guidance_scale=args.guidance_scale, **start)
 
         if args.from_noise_level is None:

@@ -347,19 +347,26 @@ def _median_filter3(track: np.ndarray) -> np.ndarray:
     return np.median(np.stack([padded[:-2], padded[1:-1], padded[2:]]), axis=0)
 
 
+def object_blobs(labels: np.ndarray, colour: int) -> list[Blob | None]:
+    """Per frame of int8 [T, H, W] pixel labels, the largest blob of palette colour `colour`, or
+    None where there is none big enough to be an object (a fraction of the smallest one)."""
+    min_area = MIN_BLOB_FRACTION * np.pi * object_radius("small", *labels.shape[1:]) ** 2
+    blobs = [largest_blob(frame_labels == colour) for frame_labels in labels]
+    return [blob if blob is not None and blob.area >= min_area else None for blob in blobs]
+
+
 def analyze_object(labels: np.ndarray, obj: ObjectSpec, distractors: Sequence[int], scale: float) -> dict:
     """Colour, shape, motion, subject consistency and jerk of one requested object; `colour_frames`
     says per frame whether its colour test passed."""
     colour = palette_index(COLOURS[obj.colour])
-    min_area = MIN_BLOB_FRACTION * np.pi * object_radius("small", *labels.shape[1:]) ** 2
+    blobs = object_blobs(labels, colour)
     num_frames = len(labels)
     colour_ok = np.zeros(num_frames, dtype=bool)
     shapes = ["none"] * num_frames
     areas = np.zeros(num_frames)
     centroids = np.full((num_frames, 2), np.nan)
-    for t, frame_labels in enumerate(labels):
-        blob = largest_blob(frame_labels == colour)
-        if blob is None or blob.area < min_area:
+    for t, (frame_labels, blob) in enumerate(zip(labels, blobs)):
+        if blob is None:
             continue
         # Shift labels by one so UNCLASSIFIED (-1) lands in bin 0, then drop that bin.
         counts = np.bincount(frame_labels.ravel() + 1, minlength=len(PALETTE) + 1)[1:]

@@ -5,7 +5,8 @@ Causality lives here, plugged into an unmodified `WanTransformer3DModel` through
 denoiser wrapper fills it before each forward pass and clears it afterwards.
 
 Three modes, chosen by what the context holds:
-- no mask, no cache: bidirectional attention (the teacher);
+- no mask, no cache: bidirectional attention (the teacher), optionally joined by a Video
+  Interface Network's global tokens (`GlobalTokens`, the parallel long-video mode);
 - a boolean mask: one full forward under a block-causal (or windowed) mask (training);
 - a `KVCache`: the current block attends to the cached K/V of earlier frames plus itself.
 
@@ -170,6 +171,20 @@ class KVCache:
 
 
 @dataclass
+class GlobalTokens:
+    """A Video Interface Network's tokens for each clip of the batch, joined to every self-attention.
+
+    Each layer projects `tokens` [B, N, D] with its own K/V weights and appends them, unrotated
+    (they have no place in time), to the clip's keys and values. `logit_bias` [num_layers] is
+    added to their attention logits: a learned gate per layer, so that training starts close to
+    the teacher's attention and opens the tokens up as far as they help.
+    """
+
+    tokens: torch.Tensor
+    logit_bias: torch.Tensor
+
+
+@dataclass
 class AttentionContext:
     """What the processors read during one forward pass. Filled by the denoiser wrapper."""
 
@@ -177,9 +192,11 @@ class AttentionContext:
     cache: KVCache | None = None
     write_cache: bool = False
     cache_rotation: torch.Tensor | None = None
+    global_tokens: GlobalTokens | None = None
 
     def clear(self) -> None:
         self.mask, self.cache, self.write_cache, self.cache_rotation = None, None, False, None
+        self.global_tokens = None
 
 
 def _project_qkv(attn, hidden_states: torch.Tensor, context: torch.Tensor):
@@ -210,6 +227,8 @@ class CausalSelfAttnProcessor:
         query, key, value = _project_qkv(attn, hidden_states, hidden_states)
         query, key_now = apply_rotary(query, rotary_emb), apply_rotary(key, rotary_emb)
         cache = ctx.cache
+        if ctx.global_tokens is not None:
+            return self._attend_with_global_tokens(attn, query, key_now, value, ctx.global_tokens)
         if cache is None:
             return _attend(attn, query, key_now, value, ctx.mask)
         # The block attends to itself fully and to every cached frame before it.
@@ -222,6 +241,17 @@ class CausalSelfAttnProcessor:
         if ctx.write_cache:
             cache.append(self.layer, key, value)
         return out
+
+    def _attend_with_global_tokens(self, attn, query, key, value, guide: GlobalTokens) -> torch.Tensor:
+        if self.context.mask is not None or self.context.cache is not None:
+            raise ValueError("global tokens join bidirectional attention only (no mask, no KV cache)")
+        tokens = guide.tokens
+        global_key = attn.norm_k(attn.to_k(tokens)).unflatten(2, (attn.heads, -1))
+        global_value = attn.to_v(tokens).unflatten(2, (attn.heads, -1))
+        gate = guide.logit_bias[self.layer].to(query.dtype).expand(tokens.shape[1])
+        bias = torch.cat([torch.zeros(key.shape[1], device=query.device, dtype=query.dtype), gate])
+        keys, values = torch.cat([key, global_key], 1), torch.cat([value, global_value], 1)
+        return _attend(attn, query, keys, values, bias.view(1, 1, 1, -1))
 
 
 class CachedCrossAttnProcessor:

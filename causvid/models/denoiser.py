@@ -20,6 +20,7 @@ from causvid.models.attention import (
     AttentionContext,
     CachedCrossAttnProcessor,
     CausalSelfAttnProcessor,
+    GlobalTokens,
     KVCache,
     block_causal_mask,
 )
@@ -129,6 +130,7 @@ class WanDenoiser(torch.nn.Module):
         window: tuple[int, int] | None = None,
         cache: KVCache | None = None,
         write_cache: bool = False,
+        global_tokens: GlobalTokens | None = None,
     ) -> torch.Tensor:
         """Velocity prediction.
 
@@ -140,6 +142,8 @@ class WanDenoiser(torch.nn.Module):
             window: (sink_frames, window_frames) for a windowed causal mask (the rolling cache's).
             cache: denoise `x` as the block after the cached frames.
             write_cache: also store this block's K/V in `cache` (the clean pass at sigma=0).
+            global_tokens: a Video Interface Network's tokens, one set per clip, joined to every
+                self-attention (bidirectional only).
         """
         _, _, frames, height, width = x.shape
         timestep = timestep_from_sigma(sigma.to(x.device, torch.float32))
@@ -157,6 +161,7 @@ class WanDenoiser(torch.nn.Module):
                 cache.sync_prompt(text)
             elif causal or window is not None:
                 ctx.mask = self._causal_mask(frames, height, width, x.device, window)
+            ctx.global_tokens = global_tokens
             dtype = self.transformer.dtype
             velocity = self.transformer(x.to(dtype), timestep, text.to(dtype), return_dict=False)[0]
         finally:

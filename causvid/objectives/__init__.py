@@ -3,11 +3,13 @@ models and data, computes losses, writes samples, and exports a loadable (diffus
 
     autoencoder  object-weighted reconstruction of pixel clips, optionally against a discriminator
     teacher      flow matching of the bidirectional teacher on a latent bank
+    vin          flow matching of long clips as parallel chunks, a Video Interface Network guiding the DiT
 """
 
 from causvid.objectives.autoencoder import AutoencoderObjective
 from causvid.objectives.teacher import TeacherObjective
+from causvid.objectives.vin import VinObjective
 
-OBJECTIVES = {"autoencoder": AutoencoderObjective, "teacher": TeacherObjective}
+OBJECTIVES = {"autoencoder": AutoencoderObjective, "teacher": TeacherObjective, "vin": VinObjective}
 
-__all__ = ["OBJECTIVES", "AutoencoderObjective", "TeacherObjective"]
+__all__ = ["OBJECTIVES", "AutoencoderObjective", "TeacherObjective", "VinObjective"]

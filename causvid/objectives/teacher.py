@@ -92,7 +92,7 @@ class TeacherObjective(Objective):
         pipe = self.pipeline(ema["teacher"]).to(next(ema["teacher"].parameters()).device, torch.float32)
         frames = self.config.data.get("num_frames", 21)
         for i, prompt in enumerate(self.sample_prompts):
-            video = pipe.generate(prompt, frames, seed=i, teacher=True, steps=self.sample_steps)
+            video = pipe.generate(prompt, frames, seed=i, mode="teacher", steps=self.sample_steps)
             write_video(out_dir / f"step{step:07d}_{i}.mp4", video, self.pipeline_config.fps)
         return {}
 

@@ -1,0 +1,200 @@
+"""`causvid bench long`: long videos made four ways, judged on the same measures.
+
+Methods, each at videos of C chunks (C * chunk_frames + context_frames latent frames):
+    teacher   the bidirectional teacher with full attention over the whole video (where it fits)
+    parallel  the teacher on chunks denoised at once, meeting only in blended overlaps
+              (FreeNoise- or Gen-L-Video-like, no training)
+    vin       the same chunks guided by the Video Interface Network's global tokens
+    student   the causal student streaming the same length
+
+Figures: FLOPs of one video (torch's counter), wall time, peak memory, shapes-bench adherence and
+consistency, MAWE, and cuts at chunk borders.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from causvid.data import BACKGROUNDS, COLOURS
+from causvid.eval.cost import PeakMemory, flop_counter
+from causvid.models.autoencoder import num_pixel_frames
+from causvid.eval.shapes_bench import (
+    REFERENCE_SIZE,
+    BenchCase,
+    classify_pixels,
+    contact_sheet,
+    object_blobs,
+    palette_index,
+    run_bench,
+    track_steps,
+)
+from causvid.parallel import ChunkLayout
+from causvid.pipeline import CausVidPipeline
+
+METHODS = ("teacher", "parallel", "vin", "student")
+# A border is a cut when an object's step across it is this many times its median step inside
+# chunks, plus a floor (pixels at 64 px; a fraction of its area) so still objects' jitter is no cut.
+CUT_FACTOR = 3.0
+CUT_FLOOR_PX = 1.5
+CUT_FLOOR_AREA = 0.15
+
+
+def border_frames(layout: ChunkLayout) -> list[int]:
+    """The first pixel frame of each chunk after the first (what it owns, past its context).
+
+    Latent frame k > 0 decodes to pixel frames 4k - 3 .. 4k: its first is the count of pixel frames
+    that latent frames 0 .. k - 1 decode to.
+    """
+    return [num_pixel_frames(start + layout.context_frames) for start in layout.starts[1:]]
+
+
+def border_cuts(frames: np.ndarray, case: BenchCase, borders: Sequence[int]) -> int:
+    """How many of `borders` cut: some object of the scene jumps in position or size, appears or
+    vanishes, between the frame before the border and the border frame, more than it changes
+    between frames inside chunks (`CUT_FACTOR` x its median step, plus a floor)."""
+    scale = min(frames.shape[1:3]) / REFERENCE_SIZE
+    labels = classify_pixels(frames, palette_index(BACKGROUNDS[case.scene.background]))
+    frame_size = (frames.shape[2], frames.shape[1])
+    cut = np.zeros(len(borders), dtype=bool)
+    pairs = np.asarray(borders) - 1  # step t -> t + 1 crosses a border when t + 1 is one
+    for obj in case.scene.objects:
+        blobs = object_blobs(labels, palette_index(COLOURS[obj.colour]))
+        present = np.array([blob is not None for blob in blobs])
+        centroids = np.array([blob.centroid if blob else (np.nan, np.nan) for blob in blobs])
+        areas = np.array([blob.area if blob else np.nan for blob in blobs], dtype=np.float64)
+        moves = np.linalg.norm(track_steps(centroids, frame_size), axis=1)
+        resizes = np.abs(np.diff(areas)) / np.nanmean(areas) if present.any() else np.full(len(areas) - 1, np.nan)
+        inside = np.ones(len(moves), dtype=bool)
+        inside[pairs] = False
+        typical_move = np.nanmedian(moves[inside]) if np.isfinite(moves[inside]).any() else 0.0
+        typical_resize = np.nanmedian(resizes[inside]) if np.isfinite(resizes[inside]).any() else 0.0
+        jumped = moves[pairs] > CUT_FACTOR * typical_move + CUT_FLOOR_PX * scale
+        resized = resizes[pairs] > CUT_FACTOR * typical_resize + CUT_FLOOR_AREA
+        flipped = present[pairs] != present[pairs + 1]
+        cut |= np.nan_to_num(jumped, nan=0.0).astype(bool) | np.nan_to_num(resized, nan=0.0).astype(bool) | flipped
+    return int(cut.sum())
+
+
+def _sampler(pipe: CausVidPipeline, method: str, steps: int | None) -> Callable[[str, int, int], np.ndarray]:
+    """generate(prompt, seed, num_frames) for one method."""
+    if method == "student":
+        return lambda prompt, seed, frames: pipe.generate(prompt, frames, seed)
+    if method == "teacher":
+        return lambda prompt, seed, frames: pipe.generate(prompt, frames, seed, steps=steps, mode="teacher")
+    use_vin = method == "vin"
+    return lambda prompt, seed, frames: pipe.generate_parallel(prompt, frames, seed, steps, global_tokens=use_vin)
+
+
+def _flops(pipe: CausVidPipeline, method: str, prompt: str, frames: int, steps: int) -> float:
+    """FLOPs of one video. A bidirectional method's cost is linear in its steps, so it is counted
+    at 1 and 2 steps and extrapolated, not run for all of them under the (slow) counter."""
+    counts = []
+    for counted_steps in ((None,) if method == "student" else (1, 2)):
+        with flop_counter() as counter:
+            _sampler(pipe, method, counted_steps)(prompt, 0, frames)
+        counts.append(counter.get_total_flops())
+    if method == "student":
+        return float(counts[0])
+    return float(counts[0] + (steps - 1) * (counts[1] - counts[0]))
+
+
+def run_long_bench(
+    pipe: CausVidPipeline,
+    cases: Sequence[BenchCase],
+    chunk_counts: Sequence[int] = (4, 8, 16),
+    seeds: Sequence[int] = (0,),
+    methods: Sequence[str] = METHODS,
+    teacher_max_chunks: int = 16,
+    steps: int | None = None,
+    sheet: str | None = None,
+) -> dict:
+    """One JSON-serialisable record: per chunk count, per method, cost and quality figures."""
+    config = pipe.config
+    steps = steps or config.teacher_steps
+    results: dict[str, dict] = {}
+    sheet_videos, sheet_labels = [], []
+    for chunks in chunk_counts:
+        layout = ChunkLayout(chunks, config.chunk_frames, config.context_frames)
+        num_frames = num_pixel_frames(layout.total_frames)
+        borders = border_frames(layout)
+        row: dict[str, dict] = {}
+        for method in methods:
+            if method == "teacher" and chunks > teacher_max_chunks:
+                row[method] = {"skipped": f"full attention over {chunks} chunks is past --teacher-max-chunks"}
+                continue
+            cuts = []
+            first_video = []
+
+            def judge(case: BenchCase, seed: int, frames: np.ndarray) -> None:
+                cuts.append(border_cuts(frames, case, borders))
+                if not first_video:
+                    first_video.append(frames)
+
+            generate = _sampler(pipe, method, steps)
+            with PeakMemory(pipe.device) as memory:
+                started = time.perf_counter()
+                report = run_bench(generate, cases, num_frames, seeds, config.height, config.width, on_video=judge)
+                seconds = time.perf_counter() - started
+            means = report["splits"]["all"]
+            row[method] = {
+                "flops": _flops(pipe, method, cases[0].prompt, num_frames, steps),
+                "seconds_per_video": report["timing"]["generate_s"] / report["timing"]["videos"],
+                "bench_seconds": seconds,
+                "peak_memory_mb": memory.peak_mb,
+                **{name: means[name] for name in ("colour", "shape", "direction", "subject_consistency",
+                                                  "background_consistency", "mawe", "jerk")},
+                "cut_rate": sum(cuts) / max(len(borders) * len(cuts), 1),
+                "cuts": cuts,
+            }
+            if sheet is not None and chunks == max(chunk_counts):
+                sheet_videos.append(first_video[0])
+                sheet_labels.append(f"{method}, {chunks} chunks: {cases[0].prompt}")
+        teacher_flops = row.get("teacher", {}).get("flops")
+        for figures in row.values():
+            if teacher_flops and "flops" in figures:
+                figures["flops_vs_teacher"] = figures["flops"] / teacher_flops
+        results[str(chunks)] = {"latent_frames": layout.total_frames, "frames": num_frames, "borders": len(borders),
+                                "methods": row}
+    if sheet_videos:
+        contact_sheet(sheet_videos, sheet_labels, sheet, frames_per_video=16)
+    return {
+        "bench": "long",
+        "chunk_frames": config.chunk_frames,
+        "context_frames": config.context_frames,
+        "blend_cutoff": config.blend_cutoff,
+        "steps": steps,
+        "guidance_scale": config.guidance_scale,
+        "prompts": [case.prompt for case in cases],
+        "seeds": list(seeds),
+        "device": str(pipe.device),
+        "threads": torch.get_num_threads(),
+        "chunks": results,
+    }
+
+
+def format_table(record: dict) -> str:
+    """A markdown table of a `run_long_bench` record, one row per chunk count and method."""
+    columns = ("flops_vs_teacher", "seconds_per_video", "peak_memory_mb", "colour", "shape", "direction",
+               "subject_consistency", "background_consistency", "mawe", "cut_rate")
+    lines = ["| chunks (frames) | method | GFLOPs | " + " | ".join(columns) + " |",
+             "|---" * (len(columns) + 3) + "|"]
+    for chunks, entry in record["chunks"].items():
+        for method, figures in entry["methods"].items():
+            if "skipped" in figures:
+                lines.append(f"| {chunks} ({entry['frames']}) | {method} | skipped |" + " |" * len(columns))
+                continue
+            cells = [_cell(figures.get(name)) for name in columns]
+            lines.append(f"| {chunks} ({entry['frames']}) | {method} | {figures['flops'] / 1e9:.0f} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
