@@ -67,6 +67,8 @@ def _info(args: argparse.Namespace) -> None:
         "parameters": {
             "transformer": count(pipe.denoiser),
             "teacher": count(pipe.teacher),
+            "vin": count(pipe.parallel.vin) if pipe.parallel is not None else None,
+            "vin_transformer": count(pipe.parallel.denoiser) if pipe.parallel is not None else None,
             "vae": count(pipe.autoencoder),
             "text_encoder": count(pipe.text_encoder.model),
         },
@@ -148,7 +150,7 @@ def _convert(args: argparse.Namespace) -> None:
     if args.base is None:
         raise UserError(f"--from {args.source_format} needs --base, the Wan2.1 diffusers directory (VAE, text encoder, config)")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    convert_download(args.source_format, args.source, args.destination, args.base, not args.no_ema, dtype)
+    convert_download(args.source_format, args.source, args.destination, args.base, not args.no_ema, dtype, args.vae)
     print(f"wrote {args.destination} ({args.dtype})")
 
 
@@ -179,6 +181,8 @@ def register(subparsers) -> None:
     convert.add_argument("--base", type=Path, default=None,
                          help="with a downloaded checkpoint: the Wan2.1 diffusers directory it builds on")
     convert.add_argument("--no-ema", action="store_true", help="Self-Forcing: take 'generator', not 'generator_ema'")
+    convert.add_argument("--vae", type=Path, default=None,
+                         help="Wan's original VAE file (Wan2.1_VAE.pth), converted instead of copying --base's VAE")
     convert.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weights' dtype")
     convert.set_defaults(func=_convert)
 

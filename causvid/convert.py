@@ -5,6 +5,8 @@
   result must fill the model's exact key set: a silently dropped or leftover tensor is an error.
 - Released causal students keep that naming inside a torch pickle: CausVid's holds `generator`,
   Self-Forcing's `generator` and `generator_ema`, with each key prefixed `model.`.
+- Wan2.1's original VAE (`Wan2.1_VAE.pth`: `encoder.downsamples.N.residual.2`, `decoder.middle.1`,
+  `conv1`, ...) becomes an `AutoencoderKLWan`, checked the same way.
 
 Only this module reads a pickle, with `torch.load(weights_only=True)`; what it writes is safetensors.
 """
@@ -60,15 +62,69 @@ def wan_key(key: str) -> str | None:
     return None
 
 
-def rename_wan_transformer(state: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Wan-named tensors -> diffusers-named ones for a model whose keys and shapes are `expected`.
+# The original VAE's layers -> diffusers' (the facts of diffusers' convert_wan_to_diffusers.py,
+# convert_vae). A residual block is Sequential(norm, SiLU, conv, norm, SiLU, dropout, conv).
+_VAE_LAYERS = {
+    "residual.0.": "norm1.", "residual.2.": "conv1.", "residual.3.": "norm2.", "residual.6.": "conv2.",
+    "shortcut.": "conv_shortcut.", "head.0.": "norm_out.", "head.2.": "conv_out.",
+}
+_VAE_MIDDLE = {"0": "mid_block.resnets.0.", "1": "mid_block.attentions.0.", "2": "mid_block.resnets.1."}
+
+
+def wan_vae_key(key: str, num_res_blocks: int = 2) -> str | None:
+    """The diffusers name of one original Wan2.1 VAE key, or None if it has none.
+
+    The encoder's `downsamples` keep their flat numbering (`down_blocks.N`). The decoder's
+    `upsamples` are a flat list of stages, each `num_res_blocks + 1` residual blocks and a resample
+    (the last stage has none); diffusers groups them as `up_blocks.S.resnets.J` and
+    `up_blocks.S.upsamplers.0`. (Wan2.1's VAE has no attention outside the middle blocks.)
+    """
+    top = {"conv1.": "quant_conv.", "conv2.": "post_quant_conv."}
+    for old, new in top.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    side, _, rest = key.partition(".")
+    if side not in ("encoder", "decoder"):
+        return None
+    if rest.startswith("conv1."):
+        return f"{side}.conv_in.{rest[len('conv1.'):]}"
+    if rest.startswith("head."):
+        return _vae_layer(f"{side}.", rest)
+    parts = rest.split(".", 2)
+    if len(parts) < 3 or not parts[1].isdigit():
+        return None
+    group, index, layer = parts
+    if group == "middle" and index in _VAE_MIDDLE:
+        prefix = f"{side}.{_VAE_MIDDLE[index]}"
+        return prefix + layer if index == "1" else _vae_layer(prefix, layer)
+    if group == "downsamples" and side == "encoder":
+        return _vae_layer(f"encoder.down_blocks.{index}.", layer)
+    if group == "upsamples" and side == "decoder":
+        stage, place = divmod(int(index), num_res_blocks + 2)
+        if place <= num_res_blocks:
+            return _vae_layer(f"decoder.up_blocks.{stage}.resnets.{place}.", layer)
+        return f"decoder.up_blocks.{stage}.upsamplers.0.{layer}"
+    return None
+
+
+def _vae_layer(prefix: str, layer: str) -> str:
+    """A residual block's or head's layer renamed; a resample's (`resample.1`, `time_conv`) kept."""
+    for old, new in _VAE_LAYERS.items():
+        if layer.startswith(old):
+            return prefix + new + layer[len(old):]
+    return prefix + layer
+
+
+def rename_checked(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], rename, what: str
+                   ) -> dict[str, torch.Tensor]:
+    """Source tensors -> the names `rename` gives them, for a model whose keys and shapes are `expected`.
 
     Raises naming every key with no counterpart, every model key left unfilled, and every shape
     that differs.
     """
     renamed, unmapped = {}, []
     for key, tensor in state.items():
-        new = wan_key(key)
+        new = rename(key)
         if new is None or new not in expected:
             unmapped.append(key)
         else:
@@ -84,8 +140,19 @@ def rename_wan_transformer(state: dict[str, torch.Tensor], expected: dict[str, t
     if shapes:
         problems.append(f"shapes that differ (source vs model): {'; '.join(shapes[:4])}")
     if problems:
-        raise UserError("cannot convert the Wan transformer: " + "; ".join(problems))
+        raise UserError(f"cannot convert the {what}: " + "; ".join(problems))
     return renamed
+
+
+def rename_wan_transformer(state: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Wan-named transformer tensors -> diffusers-named ones (`rename_checked`)."""
+    return rename_checked(state, expected, wan_key, "Wan transformer")
+
+
+def rename_wan_vae(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], num_res_blocks: int = 2
+                   ) -> dict[str, torch.Tensor]:
+    """Original Wan VAE tensors -> diffusers-named ones (`rename_checked`)."""
+    return rename_checked(state, expected, lambda key: wan_vae_key(key, num_res_blocks), "Wan VAE")
 
 
 def load_foreign(path: str | Path) -> dict:
@@ -142,15 +209,27 @@ def wan_transformer(state: dict[str, torch.Tensor], config: dict):
     return model
 
 
+def wan_vae(state: dict[str, torch.Tensor], config: dict):
+    """An `AutoencoderKLWan` of `config` holding the original Wan VAE's `state` (checked key by key)."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):
+        model = AutoencoderKLWan.from_config(config)
+    expected = {key: value.shape for key, value in model.state_dict().items()}
+    model.load_state_dict(rename_wan_vae(state, expected, model.config.num_res_blocks), strict=True, assign=True)
+    return model
+
+
 def convert_download(kind: str, source: Path, destination: Path, base: Path, ema: bool = True,
-                     dtype: torch.dtype = torch.bfloat16) -> None:
+                     dtype: torch.dtype = torch.bfloat16, vae: Path | None = None) -> None:
     """A pipeline directory of safetensors from a downloaded checkpoint.
 
     `kind` "wan": original Wan2.1 transformer weights, which become student and teacher; or a
     released student ("causvid", "causvid-warp-4step", "self-forcing"), whose teacher is the base
     directory's transformer. `base` is the Wan2.1 diffusers directory that gives the transformer
     config, the VAE and the text encoder (read from there, not copied), and the teacher's sampling
-    settings; a released student's own settings replace the student's.
+    settings; a released student's own settings replace the student's. `vae` names Wan's original
+    VAE file (`Wan2.1_VAE.pth`), converted in place of the base directory's VAE, with its config.
     """
     from causvid.pipeline import model_index, wan_pipeline_config  # here: the pipeline is a heavy import
 
@@ -161,6 +240,7 @@ def convert_download(kind: str, source: Path, destination: Path, base: Path, ema
     checkpoint = load_foreign(source)
     state = checkpoint if kind == "wan" else released_generator(checkpoint, ema)
     student = wan_transformer(state, read_json(base / "transformer" / "config.json")).to(dtype)
+    autoencoder = wan_vae(load_foreign(vae), read_json(base / "vae" / "config.json")) if vae is not None else None
     config = replace(wan_pipeline_config(base.resolve()), **STUDENT_SETTINGS.get(kind, {}))
     with atomic_directory(destination) as tmp:
         save_diffusers_model(student, tmp / "transformer")
@@ -168,5 +248,8 @@ def convert_download(kind: str, source: Path, destination: Path, base: Path, ema
             save_diffusers_model(student, tmp / "teacher")
         else:
             shutil.copytree(base / "transformer", tmp / "teacher")
-        shutil.copytree(base / "vae", tmp / "vae")
+        if autoencoder is not None:  # fp32: the autoencoder decodes close to fp32 only from fp32 weights
+            save_diffusers_model(autoencoder.float(), tmp / "vae")
+        else:
+            shutil.copytree(base / "vae", tmp / "vae")
         atomic_write_json(tmp / "model_index.json", model_index(config, True, "UMT5TextEncoder"))

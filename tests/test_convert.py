@@ -1,5 +1,5 @@
-"""`causvid convert` from the formats people download: original Wan2.1 transformer weights and the
-released CausVid and Self-Forcing students, with every key accounted for."""
+"""`causvid convert` from the formats people download: original Wan2.1 transformer and VAE weights
+and the released CausVid and Self-Forcing students, with every key accounted for."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import WanTransformer3DModel
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from safetensors.torch import save_file
 
 from causvid.cli import main
-from causvid.convert import rename_wan_transformer, wan_transformer
+from causvid.convert import rename_wan_transformer, rename_wan_vae, wan_transformer, wan_vae
 from causvid.errors import UserError
 from causvid.pipeline import load_pipeline
 
@@ -186,3 +186,146 @@ def test_a_converter_needs_a_base_and_a_real_checkpoint(wan_dir, tmp_path, capsy
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     assert main(["convert", str(tmp_path / "other.pt"), str(tmp_path / "out"), "--from", "causvid", "--base", str(wan_dir)]) == 2
     assert "not a 'generator'" in capsys.readouterr().err
+
+# Wan2.1's VAE (wan/modules/vae.py, `_video_vae`): these are also AutoencoderKLWan's defaults.
+WAN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+               temperal_downsample=[False, True, True])
+
+
+def original_wan_vae_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Key names and shapes of Wan's own VAE checkpoint, written from the module layout of its
+    wan/modules/vae.py (Encoder3d, Decoder3d, ResidualBlock, AttentionBlock, Resample), not from
+    the converter's table."""
+    dim, z, mult, blocks = config["base_dim"], config["z_dim"], config["dim_mult"], config["num_res_blocks"]
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name, out, inp, *kernel):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out, inp, *kernel), (out,)
+
+    def residual(name, inp, out):  # Sequential(RMS_norm, SiLU, conv, RMS_norm, SiLU, Dropout, conv)
+        shapes[f"{name}.residual.0.gamma"] = (inp, 1, 1, 1)
+        conv(f"{name}.residual.2", out, inp, 3, 3, 3)
+        shapes[f"{name}.residual.3.gamma"] = (out, 1, 1, 1)
+        conv(f"{name}.residual.6", out, out, 3, 3, 3)
+        if inp != out:
+            conv(f"{name}.shortcut", out, inp, 1, 1, 1)
+
+    def middle(name, width):
+        residual(f"{name}.0", width, width)
+        shapes[f"{name}.1.norm.gamma"] = (width, 1, 1)
+        conv(f"{name}.1.to_qkv", 3 * width, width, 1, 1)
+        conv(f"{name}.1.proj", width, width, 1, 1)
+        residual(f"{name}.2", width, width)
+
+    dims = [dim * u for u in [1, *mult]]
+    conv("encoder.conv1", dims[0], 3, 3, 3, 3)
+    layer = 0
+    for i, (inp, out) in enumerate(zip(dims[:-1], dims[1:])):
+        for _ in range(blocks):
+            residual(f"encoder.downsamples.{layer}", inp, out)
+            inp, layer = out, layer + 1
+        if i != len(mult) - 1:
+            conv(f"encoder.downsamples.{layer}.resample.1", out, out, 3, 3)
+            if config["temperal_downsample"][i]:
+                conv(f"encoder.downsamples.{layer}.time_conv", out, out, 3, 1, 1)
+            layer += 1
+    middle("encoder.middle", dims[-1])
+    shapes["encoder.head.0.gamma"] = (dims[-1], 1, 1, 1)
+    conv("encoder.head.2", 2 * z, dims[-1], 3, 3, 3)
+    conv("conv1", 2 * z, 2 * z, 1, 1, 1)
+    conv("conv2", z, z, 1, 1, 1)
+
+    dims = [dim * u for u in [mult[-1], *mult[::-1]]]
+    upsample_in_time = config["temperal_downsample"][::-1]
+    conv("decoder.conv1", dims[0], z, 3, 3, 3)
+    middle("decoder.middle", dims[0])
+    layer = 0
+    for i, (inp, out) in enumerate(zip(dims[:-1], dims[1:])):
+        inp = inp // 2 if i > 0 else inp  # a resample halves the channels it hands on
+        for _ in range(blocks + 1):
+            residual(f"decoder.upsamples.{layer}", inp, out)
+            inp, layer = out, layer + 1
+        if i != len(mult) - 1:
+            conv(f"decoder.upsamples.{layer}.resample.1", out // 2, out, 3, 3)
+            if upsample_in_time[i]:
+                conv(f"decoder.upsamples.{layer}.time_conv", 2 * out, out, 3, 1, 1)
+            layer += 1
+    shapes["decoder.head.0.gamma"] = (dims[-1], 1, 1, 1)
+    conv("decoder.head.2", 3, dims[-1], 3, 3, 3)
+    return shapes
+
+
+def _expected(config: dict) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        model = AutoencoderKLWan(**config)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+TINY_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[],
+                temperal_downsample=[True, True])
+
+
+@pytest.mark.parametrize("config", [WAN_VAE, TINY_VAE], ids=["Wan2.1", "tiny"])
+def test_the_original_vae_fills_the_model_exactly(config):
+    expected = _expected(config)
+    source = {k: torch.empty(s, device="meta") for k, s in original_wan_vae_shapes(config).items()}
+    renamed = rename_wan_vae(source, expected, config["num_res_blocks"])
+    assert set(renamed) == set(expected) and len(source) == len(expected)
+
+
+def test_same_shaped_tensors_land_where_wan_names_them():
+    # Pairs from diffusers' own conversion table (scripts/convert_wan_to_diffusers.py) for Wan2.1's
+    # VAE, written out by hand: a residual block's two convolutions and two norms have one shape,
+    # so a swap would load without complaint.
+    pairs = {
+        "encoder.middle.0.residual.2.weight": "encoder.mid_block.resnets.0.conv1.weight",
+        "encoder.middle.0.residual.6.weight": "encoder.mid_block.resnets.0.conv2.weight",
+        "decoder.middle.2.residual.3.gamma": "decoder.mid_block.resnets.1.norm2.gamma",
+        "decoder.middle.1.to_qkv.weight": "decoder.mid_block.attentions.0.to_qkv.weight",
+        "encoder.downsamples.4.residual.0.gamma": "encoder.down_blocks.4.norm1.gamma",
+        "encoder.downsamples.2.resample.1.weight": "encoder.down_blocks.2.resample.1.weight",
+        "decoder.upsamples.5.residual.6.weight": "decoder.up_blocks.1.resnets.1.conv2.weight",
+        "decoder.upsamples.4.shortcut.weight": "decoder.up_blocks.1.resnets.0.conv_shortcut.weight",
+        "decoder.upsamples.7.time_conv.weight": "decoder.up_blocks.1.upsamplers.0.time_conv.weight",
+        "decoder.upsamples.14.residual.2.bias": "decoder.up_blocks.3.resnets.2.conv1.bias",
+        "decoder.head.2.weight": "decoder.conv_out.weight",
+        "conv1.weight": "quant_conv.weight",
+        "conv2.bias": "post_quant_conv.bias",
+    }
+    shapes = original_wan_vae_shapes(WAN_VAE)
+    source = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    renamed = rename_wan_vae(source, _expected(WAN_VAE))
+    for old, new in pairs.items():
+        assert renamed[new] is source[old], old
+
+
+def test_unknown_and_missing_vae_keys_are_named():
+    expected = _expected(TINY_VAE)
+    source = {k: torch.empty(s, device="meta") for k, s in original_wan_vae_shapes(TINY_VAE).items()}
+    with pytest.raises(UserError, match="decoder.extra.weight"):
+        rename_wan_vae(source | {"decoder.extra.weight": torch.empty(1, device="meta")}, expected, 1)
+    with pytest.raises(UserError, match="model keys the source lacks: encoder.mid_block.attentions.0.proj.bias"):
+        rename_wan_vae({k: v for k, v in source.items() if k != "encoder.middle.1.proj.bias"}, expected, 1)
+
+
+def test_a_converted_vae_file_goes_into_the_pipeline(wan_dir, tmp_path):
+    # A random original-layout VAE file at the tiny Wan directory's size: converted, it replaces the
+    # base's VAE, holds exactly the file's tensors, and the pipeline generates through it.
+    config = json.loads((wan_dir / "vae" / "config.json").read_text())
+    torch.manual_seed(0)
+    original = {k: torch.randn(s) * 0.1 for k, s in original_wan_vae_shapes(config).items()}
+    vae_file = tmp_path / "Wan2.1_VAE.pth"
+    torch.save(original, vae_file)
+    transformer = tmp_path / "wan.safetensors"
+    transformer_config = json.loads((wan_dir / "transformer" / "config.json").read_text())
+    save_file(_random_original(transformer_config), transformer)
+    out = tmp_path / "converted"
+    assert main(["convert", str(transformer), str(out), "--from", "wan", "--base", str(wan_dir), "--vae", str(vae_file),
+                 "--dtype", "fp32"]) == 0
+    converted = AutoencoderKLWan.from_pretrained(out / "vae")
+    assert torch.equal(converted.state_dict()["decoder.up_blocks.0.resnets.0.conv1.weight"],
+                       original["decoder.upsamples.0.residual.2.weight"])
+    pipe = load_pipeline(out, "cpu", torch.float32, height=32, width=32)
+    assert pipe.generate("a red circle", 5, steps=1, mode="teacher").shape == (5, 32, 32, 3)
+    with pytest.raises(UserError, match="cannot convert the Wan VAE"):
+        wan_vae({k: v for k, v in original.items() if not k.startswith("conv1")}, config)

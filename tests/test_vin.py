@@ -3,6 +3,7 @@ guide, training with exact resume, and the parallel mode from the API and the CL
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,6 @@ def test_parallel_mode_from_the_cli(vin_checkpoint, tiny_checkpoint, tmp_path, c
     assert main(["generate", "a blue square", "--mode", "parallel", "--frames", "45", "-o", str(out),
                  "--checkpoint", str(tiny_checkpoint), "--device", "cpu"]) == 2
     assert "no vin/ directory" in capsys.readouterr().err
+    assert main(["info", "--checkpoint", str(vin_checkpoint), "--device", "cpu"]) == 0
+    parameters = json.loads(capsys.readouterr().out)["parameters"]
+    assert parameters["vin"] > 0 and parameters["vin_transformer"] == parameters["teacher"]
