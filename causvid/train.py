@@ -26,6 +26,7 @@ import torch
 
 from causvid.checkpoint import CheckpointError, atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from causvid.errors import UserError
+from causvid.models.denoiser import WanDenoiser
 from causvid.recipe import load_config_file
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default)
     num_workers: int = 0  # data loader processes (video decoding, captions) beside the training one
     compile: bool = False  # torch.compile the trained modules (the first steps pay for the compile)
+    gradient_checkpointing: bool = False  # recompute transformer blocks in backward: memory for ~1/3 more compute
     data: dict[str, Any] = field(default_factory=dict)
     objective_args: dict[str, Any] = field(default_factory=dict)
 
@@ -323,6 +325,10 @@ def train(config: TrainConfig, objective: Objective) -> int:
         atomic_write_json(out_dir / "config.json", asdict(config))
     # On the accelerator's device before the optimisers and EMAs are built, so their state lives there too.
     modules = {name: module.to(accelerator.device) for name, module in objective.trainable().items()}
+    if config.gradient_checkpointing:
+        for module in modules.values():
+            for denoiser in (m for m in module.modules() if isinstance(m, WanDenoiser)):
+                denoiser.enable_gradient_checkpointing()
     if missing := sorted(set(modules) - set(config.lr)):
         raise UserError(f"config lr has no entry for {missing}; this objective trains {sorted(modules)}")
     objective.place(accelerator.device)

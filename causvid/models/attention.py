@@ -18,7 +18,10 @@ below `sink_frames + window_frames + block_frames` however long the stream runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +161,14 @@ class KVCache:
             ]
         return merged
 
+    def frozen(self) -> "KVCache":
+        """A copy holding this moment's tensors: later appends and evictions replace the lists'
+        tensors in this cache, not in the copy (for recomputing a block in the backward pass)."""
+        snapshot = copy.copy(self)
+        snapshot.keys, snapshot.values = list(self.keys), list(self.values)
+        snapshot.cross, snapshot._rotated = list(self.cross), list(self._rotated)
+        return snapshot
+
     def take_row(self, merged: "KVCache", row: int) -> None:
         """Become batch row `row` of a `stacked` cache (after the batch ran)."""
         rows = slice(row, row + 1)
@@ -197,6 +208,24 @@ class AttentionContext:
     def clear(self) -> None:
         self.mask, self.cache, self.write_cache, self.cache_rotation = None, None, False, None
         self.global_tokens = None
+
+    def snapshot(self) -> "AttentionContext":
+        """The context as it is now, to recompute a block later (gradient checkpointing): with the
+        cache's tensors of this moment, and writing nothing to the cache (the first pass did)."""
+        cache = None if self.cache is None else self.cache.frozen()
+        return AttentionContext(self.mask, cache, False, self.cache_rotation, self.global_tokens)
+
+    @contextlib.contextmanager
+    def holding(self, state: "AttentionContext") -> Iterator[None]:
+        """Hold `state`'s values while the block runs, then what it held before."""
+        before = {f.name: getattr(self, f.name) for f in fields(self)}
+        for f in fields(self):
+            setattr(self, f.name, getattr(state, f.name))
+        try:
+            yield
+        finally:
+            for name, value in before.items():
+                setattr(self, name, value)
 
 
 def _project_qkv(attn, hidden_states: torch.Tensor, context: torch.Tensor):

@@ -8,9 +8,11 @@ noise levels, and RoPE at chosen frame positions.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
@@ -92,6 +94,24 @@ class WanDenoiser(torch.nn.Module):
     def from_pretrained(cls, path: str | Path, block_frames: int = 3, **kwargs) -> "WanDenoiser":
         """Load a diffusers-format `WanTransformer3DModel` directory."""
         return cls(load_diffusers_model(WanTransformer3DModel, path, **kwargs), block_frames)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each transformer block in the backward pass instead of keeping its activations.
+
+        The processors read the shared attention context, which `forward` clears as it returns,
+        before the backward pass recomputes anything: each block therefore saves a snapshot of the
+        context (mask, this moment's cache tensors, global tokens) and recomputes under it.
+        """
+        context = self.context
+
+        def checkpointed(block, *args):
+            state = context.snapshot()
+            return torch.utils.checkpoint.checkpoint(
+                block.__call__, *args, use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), context.holding(state)),
+            )
+
+        self.transformer.enable_gradient_checkpointing(checkpointed)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a plain diffusers `WanTransformer3DModel` directory (config.json + safetensors)."""
