@@ -18,6 +18,13 @@ from causvid.pipeline import CausVidPipeline, PipelineConfig
 from causvid.text import TextEncoder, load_text_encoder
 
 
+# diffusers configs of Wan2.1-T2V-1.3B (transformer/config.json, vae/config.json of the download),
+# for what is measured at real scale on random weights or the meta device.
+WAN_1_3B_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                            out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+
 PRESETS: dict[str, dict] = {
     # Fast enough for unit tests on 2 cores: 32x32 pixels, 8x8 latents, 16 tokens per frame.
     "tiny": {

@@ -20,15 +20,11 @@ import torch
 from causvid.errors import UserError
 from causvid.models.autoencoder import VideoAutoencoder
 from causvid.models.denoiser import WanDenoiser
+from causvid.presets import WAN_1_3B_TRANSFORMER, WAN_VAE
 from causvid.rollout import CausalRollout
 from causvid.schedule import student_sigmas
 from stream.protocol import encode_jpeg
 
-# diffusers configs of Wan2.1-T2V-1.3B (transformer/config.json, vae/config.json of the download).
-WAN_1_3B_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                            out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
-                            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
-WAN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
 PRESETS = {
     "wan-1.3b": dict(transformer=WAN_1_3B_TRANSFORMER, vae=WAN_VAE, height=480, width=832, text=(512, 4096)),
     "tiny": dict(transformer=dict(WAN_1_3B_TRANSFORMER, num_attention_heads=2, attention_head_dim=16, in_channels=4,

@@ -81,3 +81,8 @@ def test_bench_long_record(tmp_path, tiny_checkpoint, capsys):
         assert len(figures["cuts"]) == 1
     assert two["methods"]["teacher"]["flops_vs_teacher"] == 1.0
     assert "| 2 (" in table.read_text() and "skipped" in table.read_text()
+    # At Wan2.1-1.3B's size, counted on the meta device: chunks cost less than full attention, and
+    # the VIN adds to the chunks.
+    wan = record["wan_1_3b_flops_per_step"]["3"]
+    assert wan["latent_frames"] == 3 * 5 + 1
+    assert wan["parallel"] < wan["vin"] < wan["teacher"]

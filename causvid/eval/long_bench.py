@@ -103,6 +103,56 @@ def _flops(pipe: CausVidPipeline, method: str, prompt: str, frames: int, steps: 
     return float(counts[0] + (steps - 1) * (counts[1] - counts[0]))
 
 
+# The paper's VIN at Wan2.1-1.3B's width: 512 global tokens, 4 process blocks (arXiv 2503.17539).
+PAPER_VIN = dict(num_tokens=512, process_layers=4)
+WAN_SIZE = (480, 832)
+UMT5_TOKENS = 512
+
+
+def wan_flops_per_step(chunk_counts: Sequence[int], chunk_frames: int, context_frames: int) -> dict:
+    """FLOPs of one denoiser evaluation at Wan2.1-T2V-1.3B's size (480 x 832), counted on the meta
+    device (no memory, no weights): full attention over the whole video, the chunks alone, and the
+    chunks with the paper-sized VIN (its own cost included). Where attention dominates, as at this
+    size and unlike the 64 x 64 world, chunking saves what the paper reports."""
+    from diffusers import WanTransformer3DModel
+
+    from causvid.models.attention import GlobalTokens
+    from causvid.models.denoiser import WanDenoiser
+    from causvid.models.vin import VideoInterfaceNetwork
+    from causvid.presets import WAN_1_3B_TRANSFORMER
+
+    config = WAN_1_3B_TRANSFORMER
+    dim, layers = config["num_attention_heads"] * config["attention_head_dim"], config["num_layers"]
+    with torch.device("meta"):
+        denoiser = WanDenoiser(WanTransformer3DModel(**config))
+        vin = VideoInterfaceNetwork(in_channels=config["in_channels"], dim=dim, text_dim=config["text_dim"],
+                                    num_heads=config["num_attention_heads"], dit_layers=layers, **PAPER_VIN)
+
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+
+    def count(run: Callable[[], object]) -> int:
+        with flop_counter() as counter:
+            run()
+        return counter.get_total_flops()
+
+    height, width = WAN_SIZE[0] // 8, WAN_SIZE[1] // 8  # Wan's VAE is 8x spatially
+    record = {}
+    for chunks in chunk_counts:
+        layout = ChunkLayout(chunks, chunk_frames, context_frames)
+        video = meta(1, config["in_channels"], layout.total_frames, height, width)
+        text, windows = meta(1, UMT5_TOKENS, config["text_dim"]), layout.windows(video)
+        chunk_text = meta(chunks, UMT5_TOKENS, config["text_dim"])
+        tokens = GlobalTokens(meta(chunks, PAPER_VIN["num_tokens"], dim), meta(layers))
+        full = count(lambda: denoiser(video, meta(1), text))
+        parallel = count(lambda: denoiser(windows, meta(chunks), chunk_text))
+        guided = count(lambda: denoiser(windows, meta(chunks), chunk_text, global_tokens=tokens))
+        interface = count(lambda: vin(video, meta(1), text, torch.tensor(layout.starts)))
+        record[str(chunks)] = {"latent_frames": layout.total_frames, "teacher": full, "parallel": parallel,
+                               "vin": guided + interface, "vin_vs_teacher": (guided + interface) / full}
+    return record
+
+
 def run_long_bench(
     pipe: CausVidPipeline,
     cases: Sequence[BenchCase],
@@ -174,6 +224,7 @@ def run_long_bench(
         "device": str(pipe.device),
         "threads": torch.get_num_threads(),
         "chunks": results,
+        "wan_1_3b_flops_per_step": wan_flops_per_step(chunk_counts, config.chunk_frames, config.context_frames),
     }
 
 
@@ -191,6 +242,11 @@ def format_table(record: dict) -> str:
             cells = [_cell(figures.get(name)) for name in columns]
             lines.append(f"| {chunks} ({entry['frames']}) | {method} | {figures['flops'] / 1e9:.0f} | "
                          + " | ".join(cells) + " |")
+    lines += ["", "At Wan2.1-T2V-1.3B's size (480 x 832), TFLOPs of one denoiser evaluation:", "",
+              "| chunks (latent frames) | teacher | parallel | vin | vin / teacher |", "|---|---|---|---|---|"]
+    for chunks, entry in record["wan_1_3b_flops_per_step"].items():
+        lines.append(f"| {chunks} ({entry['latent_frames']}) | {entry['teacher'] / 1e12:.0f} | "
+                     f"{entry['parallel'] / 1e12:.0f} | {entry['vin'] / 1e12:.0f} | {entry['vin_vs_teacher']:.2f} |")
     return "\n".join(lines)
 
 
