@@ -148,6 +148,7 @@ def test_training_resumes_exactly(vin_checkpoint, tiny_checkpoint, tmp_path):
 def test_parallel_mode_from_the_api_any_length(vin_checkpoint):
     pipe = load_pipeline(vin_checkpoint, "cpu", torch.float32)
     assert pipe.model_index()["vin"] == ["causvid", "VideoInterfaceNetwork"]
+    assert (pipe.config.chunk_frames, pipe.config.context_frames) == (3, 1)  # the layout it was trained on
     for frames in (1, 30, 61):  # 61 frames are 16 latent frames: 5 chunks of 3 after 1
         video = pipe.generate("a red circle moving right", frames, seed=1, steps=2, mode="parallel")
         assert video.shape == (frames, 32, 32, 3) and video.dtype == np.uint8

@@ -4,6 +4,7 @@ trained end to end on flow matching of whole long clips denoised as parallel chu
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -86,9 +87,10 @@ class VinObjective(Objective):
 
     def pipeline(self, model: ParallelDenoiser) -> CausVidPipeline:
         """The base pipeline with this parallel model in it."""
-        base = self.base
-        return CausVidPipeline(base.denoiser, base.autoencoder, base.text_encoder, base.config, base.teacher,
-                               parallel=model)
+        base, layout = self.base, self.layout
+        config = replace(base.config, chunk_frames=layout.chunk_frames, context_frames=layout.context_frames,
+                         blend_cutoff=model.blend_cutoff)
+        return CausVidPipeline(base.denoiser, base.autoencoder, base.text_encoder, config, base.teacher, parallel=model)
 
     @torch.no_grad()
     def sample(self, ema, out_dir, step):
