@@ -158,6 +158,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 MODES = ("student", "teacher", "parallel")
+PARALLEL_MODELS = ("vin", "teacher", "vin-dit")
 
 
 class CausVidPipeline:
@@ -381,25 +382,30 @@ class CausVidPipeline:
         steps: int | None = None,
         guidance_scale: float | None = None,
         progress: Callable[[int], None] | None = None,
-        global_tokens: bool = True,
+        model: str = "vin",
     ) -> np.ndarray:
         """uint8 frames [num_frames, H, W, 3], every chunk denoised at once at each of the teacher's steps.
 
-        The video is padded up to whole chunks and cropped. `global_tokens=False` runs the
-        teacher on the same chunks with the same overlap fusion but no Video Interface Network:
-        the chunk-parallel baseline (FreeNoise- or Gen-L-Video-like) the VIN is measured against.
+        The video is padded up to whole chunks and cropped. `model` (`PARALLEL_MODELS`): "vin", the
+        DiT guided by the Video Interface Network; "teacher", the teacher on the same chunks with the
+        same overlap fusion and no VIN, the chunk-parallel baseline (FreeNoise- or Gen-L-Video-like);
+        "vin-dit", the DiT trained with the VIN, without its tokens (an ablation).
         """
         prompt = check_prompt(prompt)
-        if global_tokens and self.parallel is None:
+        if model not in PARALLEL_MODELS:
+            raise UserError(f"unknown parallel model {model!r}; use one of {', '.join(PARALLEL_MODELS)}")
+        if model != "teacher" and self.parallel is None:
             raise CheckpointError("this checkpoint has no vin/ directory (train one with causvid train vin)")
-        if not global_tokens and self.teacher is None:
+        if model == "teacher" and self.teacher is None:
             raise CheckpointError("this checkpoint has no teacher/ directory")
         config = self.config
-        model = self.parallel if global_tokens else ParallelDenoiser(
-            self.teacher, config.chunk_frames, config.context_frames, config.blend_cutoff
-        )
+        if model == "vin":
+            denoiser = self.parallel
+        else:
+            dit = self.teacher if model == "teacher" else self.parallel.denoiser
+            denoiser = ParallelDenoiser(dit, config.chunk_frames, config.context_frames, config.blend_cutoff)
         layout = ChunkLayout.covering(1 + math.ceil((num_frames - 1) / 4), config.chunk_frames, config.context_frames)
-        return self._sample_bidirectional(model, prompt, num_frames, layout.total_frames, seed, steps,
+        return self._sample_bidirectional(denoiser, prompt, num_frames, layout.total_frames, seed, steps,
                                           guidance_scale, progress)
 
     @torch.inference_mode()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from causvid.cli import add_checkpoint_args
 from causvid.errors import UserError
-from causvid.eval.long_bench import METHODS
+from causvid.eval.long_bench import ABLATIONS, METHODS
 from causvid.text import check_prompt
 
 # Frames a text- or image-to-video recording keeps by default; video-to-video follows its input.
@@ -267,8 +267,8 @@ def register(subparsers) -> None:
     long.add_argument("--cases", type=int, default=4, help="seen single-object scenes")
     long.add_argument("--pairs", type=int, default=2, help="seen two-object scenes (colours that must not swap)")
     long.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds of every case")
-    long.add_argument("--method", action="append", choices=METHODS, default=None,
-                      help="measure these (repeatable; default: all)")
+    long.add_argument("--method", action="append", choices=METHODS + ABLATIONS, default=None,
+                      help=f"measure these (repeatable; default: {', '.join(METHODS)})")
     long.add_argument("--teacher-max-chunks", type=int, default=16,
                       help="longest video the full-attention teacher runs (its cost grows with the square)")
     long.add_argument("--steps", type=int, default=None, help="steps of the bidirectional methods (default: the teacher's)")

@@ -154,8 +154,9 @@ def test_parallel_mode_from_the_api_any_length(vin_checkpoint):
         assert video.shape == (frames, 32, 32, 3) and video.dtype == np.uint8
     same = pipe.generate("a red circle moving right", 30, seed=1, steps=2, mode="parallel")
     assert np.array_equal(same, pipe.generate("a red circle moving right", 30, seed=1, steps=2, mode="parallel"))
-    without = pipe.generate_parallel("a red circle moving right", 30, seed=1, steps=2, global_tokens=False)
-    assert without.shape == same.shape and not np.array_equal(without, same)
+    for model in ("teacher", "vin-dit"):  # the teacher's chunks, and the VIN's DiT without its tokens
+        without = pipe.generate_parallel("a red circle moving right", 30, seed=1, steps=2, model=model)
+        assert without.shape == same.shape and not np.array_equal(without, same)
 
 
 def test_parallel_mode_from_the_cli(vin_checkpoint, tiny_checkpoint, tmp_path, capsys):

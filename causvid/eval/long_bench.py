@@ -6,6 +6,8 @@ Methods, each at videos of C chunks (C * chunk_frames + context_frames latent fr
               (FreeNoise- or Gen-L-Video-like, no training)
     vin       the same chunks guided by the Video Interface Network's global tokens
     student   the causal student streaming the same length
+and, on request, an ablation:
+    vin-dit   the DiT trained with the VIN, on the same chunks without the VIN's tokens
 
 Figures: FLOPs of one video (torch's counter), wall time, peak memory, shapes-bench adherence and
 consistency, MAWE, and cuts at chunk borders.
@@ -37,6 +39,7 @@ from causvid.parallel import ChunkLayout
 from causvid.pipeline import CausVidPipeline
 
 METHODS = ("teacher", "parallel", "vin", "student")
+ABLATIONS = ("vin-dit",)
 # A border is a cut when an object's step across it is this many times its median step inside
 # chunks, plus a floor (pixels at 64 px; a fraction of its area) so still objects' jitter is no cut.
 CUT_FACTOR = 3.0
@@ -86,8 +89,8 @@ def _sampler(pipe: CausVidPipeline, method: str, steps: int | None) -> Callable[
         return lambda prompt, seed, frames: pipe.generate(prompt, frames, seed)
     if method == "teacher":
         return lambda prompt, seed, frames: pipe.generate(prompt, frames, seed, steps=steps, mode="teacher")
-    use_vin = method == "vin"
-    return lambda prompt, seed, frames: pipe.generate_parallel(prompt, frames, seed, steps, global_tokens=use_vin)
+    model = {"parallel": "teacher", "vin": "vin", "vin-dit": "vin-dit"}[method]
+    return lambda prompt, seed, frames: pipe.generate_parallel(prompt, frames, seed, steps, model=model)
 
 
 def _flops(pipe: CausVidPipeline, method: str, prompt: str, frames: int, steps: int) -> float:
