@@ -16,7 +16,6 @@ UMT5 from a local directory.
 from __future__ import annotations
 
 import copy
-import math
 import sysconfig
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from causvid.checkpoint import CheckpointError, atomic_write_json, read_json
 from causvid.errors import UserError
 from causvid.frames import clip_to_tensor, to_uint8
-from causvid.models.autoencoder import VideoAutoencoder
+from causvid.models.autoencoder import VideoAutoencoder, latent_frames_covering
 from causvid.models.denoiser import WanDenoiser
 from causvid.models.vin import VideoInterfaceNetwork
 from causvid.parallel import ChunkLayout, ParallelDenoiser
@@ -363,7 +362,7 @@ class CausVidPipeline:
         if mode == "teacher":
             if self.teacher is None:
                 raise CheckpointError("this checkpoint has no teacher/ directory")
-            return self._sample_bidirectional(self.teacher, prompt, num_frames, 1 + math.ceil((num_frames - 1) / 4),
+            return self._sample_bidirectional(self.teacher, prompt, num_frames, latent_frames_covering(num_frames),
                                               seed, steps, guidance_scale, progress, video, noise_level)
         if mode == "parallel":
             return self.generate_parallel(prompt, num_frames, seed, steps, guidance_scale, progress)
@@ -404,7 +403,7 @@ class CausVidPipeline:
         else:
             dit = self.teacher if model == "teacher" else self.parallel.denoiser
             denoiser = ParallelDenoiser(dit, config.chunk_frames, config.context_frames, config.blend_cutoff)
-        layout = ChunkLayout.covering(1 + math.ceil((num_frames - 1) / 4), config.chunk_frames, config.context_frames)
+        layout = ChunkLayout.covering(latent_frames_covering(num_frames), config.chunk_frames, config.context_frames)
         return self._sample_bidirectional(denoiser, prompt, num_frames, layout.total_frames, seed, steps,
                                           guidance_scale, progress)
 

@@ -67,9 +67,18 @@ def test_a_cached_block_recomputes_against_the_cache_it_saw():
     assert caches[id(checkpointed)].cached_frames == caches[id(plain)].cached_frames == 3
 
 
-def test_training_with_checkpointing_matches_training_without(tmp_path, tiny_checkpoint):
+def test_training_with_checkpointing_matches_training_without(tmp_path, tiny_checkpoint, monkeypatch):
+    enabled = []
+    original = WanDenoiser.enable_gradient_checkpointing
+
+    def recording(self):
+        enabled.append(self)
+        original(self)
+
+    monkeypatch.setattr(WanDenoiser, "enable_gradient_checkpointing", recording)
     runs = {}
     for flag in (False, True):
+        enabled.clear()
         config = {"objective": "teacher", "out_dir": str(tmp_path / str(flag)), "max_steps": 2, "batch_size": 2,
                   "lr": {"teacher": 1e-3}, "warmup_steps": 1, "log_every": 1, "sample_every": 100,
                   "gradient_checkpointing": flag,
@@ -80,5 +89,6 @@ def test_training_with_checkpointing_matches_training_without(tmp_path, tiny_che
         path.write_text(yaml.safe_dump(config))
         assert main(["train", "teacher", "--config", str(path)]) == 0
         runs[flag] = (tmp_path / str(flag) / "metrics.csv").read_text().splitlines()
+        assert len(enabled) == int(flag)  # the config flag reaches the trained denoiser, and only then
     losses = [[float(row.split(",")[2]) for row in lines[1:]] for lines in runs.values()]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)

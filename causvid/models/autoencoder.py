@@ -42,6 +42,11 @@ def num_latent_frames(num_frames: int) -> int:
     return 1 + (num_frames - 1) // TEMPORAL_FACTOR
 
 
+def latent_frames_covering(num_frames: int) -> int:
+    """The fewest latent frames that decode to at least `num_frames` pixel frames (any count)."""
+    return 1 + -(-(num_frames - 1) // TEMPORAL_FACTOR)
+
+
 def num_pixel_frames(latent_frames: int) -> int:
     """Pixel frames decoded from `latent_frames` latent frames."""
     return 1 + TEMPORAL_FACTOR * (latent_frames - 1) if latent_frames else 0
