@@ -79,7 +79,7 @@ def border_cuts(frames: np.ndarray, case: BenchCase, borders: Sequence[int]) -> 
         jumped = moves[pairs] > CUT_FACTOR * typical_move + CUT_FLOOR_PX * scale
         resized = resizes[pairs] > CUT_FACTOR * typical_resize + CUT_FLOOR_AREA
         flipped = present[pairs] != present[pairs + 1]
-        cut |= np.nan_to_num(jumped, nan=0.0).astype(bool) | np.nan_to_num(resized, nan=0.0).astype(bool) | flipped
+        cut |= jumped | resized | flipped  # comparisons with NaN (an object missing) are False
     return int(cut.sum())
 
 
