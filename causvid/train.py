@@ -3,7 +3,8 @@
 Read top to bottom: config -> setup -> init or resume -> loop (lr, losses, step, EMA, log,
 sample, checkpoint) -> export. An `Objective` says what is trained and how the losses are
 computed; this file owns everything else. It runs as one CPU process, or under
-`accelerate launch` on many devices.
+`accelerate launch` on many devices: data-parallel, or with `fsdp` the trained models sharded
+across the processes (causvid/sharding.py).
 
 Exact resume needs no saved RNG: every random draw of step s comes from an RNG seeded
 with (seed, rank, s), and the data of step s are the dataset items at fixed indices.
@@ -13,6 +14,7 @@ is replaced atomically, so a kill at any moment leaves the previous checkpoint i
 
 from __future__ import annotations
 
+import copy
 import csv
 import shutil
 import signal
@@ -28,6 +30,17 @@ from causvid.checkpoint import CheckpointError, atomic_save_tensors, atomic_writ
 from causvid.errors import UserError
 from causvid.models.denoiser import WanDenoiser
 from causvid.recipe import load_config_file
+from causvid.sharding import (
+    full_model_state,
+    full_optimizer_state,
+    full_tensors,
+    grad_norm,
+    is_sharded,
+    load_full_model_state,
+    load_full_optimizer_state,
+    shard_like,
+    shard_model,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -61,6 +74,7 @@ class TrainConfig:
     num_workers: int = 0  # data loader processes (video decoding, captions) beside the training one
     compile: bool = False  # torch.compile the trained modules (the first steps pay for the compile)
     gradient_checkpointing: bool = False  # recompute transformer blocks in backward: memory for ~1/3 more compute
+    fsdp: bool = False  # shard the trained models' weights, gradients and optimiser state across processes
     data: dict[str, Any] = field(default_factory=dict)
     objective_args: dict[str, Any] = field(default_factory=dict)
 
@@ -183,6 +197,10 @@ class EMA:
         module.load_state_dict({**module.state_dict(), **self.shadow})
         return module
 
+    def full_shadow(self) -> dict[str, torch.Tensor]:
+        """The average as full tensors (collective when the model is sharded)."""
+        return full_tensors(self.shadow)
+
 
 def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
     state = optimizer.state_dict()
@@ -193,30 +211,63 @@ def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[d
     return tensors, state["param_groups"]
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, prefix: str, tensors: dict, groups: list) -> None:
+def _optimizer_state(prefix: str, tensors: dict, groups: list) -> dict:
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith(prefix + "."):
-            index, key = name[len(prefix) + 1 :].split(".", 1)
-            state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+            # Parameters are numbered, or named (sharded runs), with dots; state keys have none.
+            index, key = name[len(prefix) + 1 :].rsplit(".", 1)
+            state.setdefault(int(index) if index.isdigit() else index, {})[key] = value
+    return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(out_dir: Path, step: int, modules, optimizers, emas, keep: int, world_size: int = 1) -> Path:
-    """Write checkpoint-{step}/ atomically and point latest.json at it."""
+def _optimizer_keyed(state: dict, module: torch.nn.Module, by_name: bool) -> dict:
+    """An optimiser state keyed by parameter name (as sharded runs save and load it) or by
+    number (as torch's optimisers do), whichever way it was saved: runs resume across the two.
+    The loop's optimisers hold one group, the trainable parameters in the module's order."""
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    numbers = {n: i for i, n in enumerate(names)}
+
+    def key(k: int | str) -> int | str:
+        if by_name:
+            return names[k] if isinstance(k, int) else k
+        return numbers[k] if isinstance(k, str) else k
+
+    return {"state": {key(k): v for k, v in state["state"].items()},
+            "param_groups": [{**group, "params": [key(k) for k in group["params"]]} for group in state["param_groups"]]}
+
+
+def save_checkpoint(out_dir: Path, step: int, modules, optimizers, emas, keep: int, world_size: int = 1,
+                    write: bool = True) -> Path:
+    """Write checkpoint-{step}/ atomically and point latest.json at it.
+
+    Sharded models are gathered into full tensors first, so every process calls this and only
+    the one with `write` writes.
+    """
     final = out_dir / f"checkpoint-{step:07d}"
     tmp = out_dir / f".checkpoint-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    files: dict[str, dict[str, torch.Tensor]] = {}
     meta: dict[str, Any] = {"step": step, "world_size": world_size, "param_groups": {}, "ema_updates": {}}
     for name, module in modules.items():
-        atomic_save_tensors(tmp / f"{name}.safetensors", module.state_dict())
-        tensors, groups = _optimizer_tensors("opt", optimizers[name])
-        atomic_save_tensors(tmp / f"{name}_optimizer.safetensors", tensors)
-        meta["param_groups"][name] = groups
+        if is_sharded(module):
+            files[name] = full_model_state(module)
+            optimizer = full_optimizer_state(module, optimizers[name])  # empty but on process 0
+            files[f"{name}_optimizer"] = {f"opt.{param}.{key}": torch.as_tensor(value)
+                                          for param, values in optimizer.get("state", {}).items()
+                                          for key, value in values.items()}
+            meta["param_groups"][name] = optimizer.get("param_groups")
+        else:
+            files[name] = module.state_dict()
+            files[f"{name}_optimizer"], meta["param_groups"][name] = _optimizer_tensors("opt", optimizers[name])
     for name, ema in emas.items():
-        atomic_save_tensors(tmp / f"{name}_ema.safetensors", ema.shadow)
+        files[f"{name}_ema"] = ema.full_shadow()
         meta["ema_updates"][name] = ema.updates
+    if not write:
+        return final
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for file, tensors in files.items():
+        atomic_save_tensors(tmp / f"{file}.safetensors", tensors)
     atomic_write_json(tmp / "state.json", meta)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -235,14 +286,23 @@ def load_checkpoint(out_dir: Path, modules, optimizers, emas) -> int:
     meta = read_json(path / "state.json")
     step = int(meta["step"])
     for name, module in modules.items():
+        optimizer = _optimizer_state("opt", load_tensors(path / f"{name}_optimizer.safetensors"), meta["param_groups"][name])
+        sharded = is_sharded(module)
+        optimizer = _optimizer_keyed(optimizer, module, by_name=sharded)
         try:
-            module.load_state_dict(load_tensors(path / f"{name}.safetensors"))
+            if sharded:
+                load_full_model_state(module, load_tensors(path / f"{name}.safetensors"))
+            else:
+                module.load_state_dict(load_tensors(path / f"{name}.safetensors"))
         except RuntimeError as error:
             raise CheckpointError(f"{path / (name + '.safetensors')}: does not match the model ({str(error).splitlines()[0]})") from None
-        _load_optimizer(optimizers[name], "opt", load_tensors(path / f"{name}_optimizer.safetensors"), meta["param_groups"][name])
+        if sharded:
+            load_full_optimizer_state(module, optimizers[name], optimizer)
+        else:
+            optimizers[name].load_state_dict(optimizer)
     for name, ema in emas.items():
-        device = next(modules[name].parameters()).device
-        ema.shadow = {k: v.to(device) for k, v in load_tensors(path / f"{name}_ema.safetensors").items()}
+        shadow = load_tensors(path / f"{name}_ema.safetensors")
+        ema.shadow = shard_like(shadow, modules[name])
         # Checkpoints from before the EMA warm-up existed: one update per step.
         ema.updates = int(meta.get("ema_updates", {}).get(name, step))
     return step
@@ -331,6 +391,14 @@ def train(config: TrainConfig, objective: Objective) -> int:
                 denoiser.enable_gradient_checkpointing()
     if missing := sorted(set(modules) - set(config.lr)):
         raise UserError(f"config lr has no entry for {missing}; this objective trains {sorted(modules)}")
+    sharded = config.fsdp and accelerator.num_processes > 1
+    # Exports and samples need whole models: the main process keeps a plain copy to fill.
+    plain = {}
+    if sharded:
+        if accelerator.is_main_process:
+            plain = {name: copy.deepcopy(modules[name]).cpu() for name in objective.averaged()}
+        for module in modules.values():
+            shard_model(module, config.mixed_precision)
     objective.place(accelerator.device)
     optimizers = {
         name: torch.optim.AdamW(
@@ -344,10 +412,12 @@ def train(config: TrainConfig, objective: Objective) -> int:
     # 2. Init or resume: model, optimiser and EMA state; the step fixes data and RNG.
     start = load_checkpoint(out_dir, modules, optimizers, emas)
     if start >= config.max_steps:
+        averaged = _ema_copies(modules, emas, plain, accelerator.is_main_process)
         if accelerator.is_main_process:
-            objective.export(_ema_copies(modules, emas), out_dir / "export")
+            objective.export(averaged, out_dir / "export")
         return start
-    wrapped = {name: accelerator.prepare(module) for name, module in modules.items()}
+    # Sharded models reduce their own gradients: accelerate would wrap them in DDP.
+    wrapped = {name: module if sharded else accelerator.prepare(module) for name, module in modules.items()}
     if config.compile:
         wrapped = {name: torch.compile(module) for name, module in wrapped.items()}
     optimizers = {name: accelerator.prepare(opt) for name, opt in optimizers.items()}
@@ -386,7 +456,7 @@ def train(config: TrainConfig, objective: Objective) -> int:
                 logs[f"loss_{name}"] = logs.get(f"loss_{name}", 0.0) + loss.item() / parts
                 logs.update(extra)
         for name in losses:
-            logs[f"grad_norm_{name}"] = float(accelerator.clip_grad_norm_(wrapped[name].parameters(), config.grad_clip))
+            logs[f"grad_norm_{name}"] = grad_norm(accelerator.clip_grad_norm_(wrapped[name].parameters(), config.grad_clip))
             optimizers[name].step()
             if name in emas:
                 emas[name].update(modules[name])
@@ -399,18 +469,21 @@ def train(config: TrainConfig, objective: Objective) -> int:
         out_of_time = config.max_minutes is not None and time.monotonic() - began > 60 * config.max_minutes
         last = step == config.max_steps or out_of_time or stop["signal"]
         checkpoint_due = step % config.checkpoint_every == 0 or last
-        if accelerator.num_processes > 1 and checkpoint_due:
+        if accelerator.num_processes > 1 and checkpoint_due and not sharded:
             check_ranks_agree(accelerator, modules)
-        if accelerator.is_main_process:
-            if step % config.log_every == 0 or last:
-                log.append({"step": step, "seconds_per_step": time.monotonic() - tick, **recent})
-            if step % config.sample_every == 0:
-                metrics = objective.sample(_ema_copies(modules, emas), out_dir / "samples", step)
-                if metrics:
-                    log.append({"step": step, **metrics})
-            if checkpoint_due:
-                save_checkpoint(out_dir, step, modules, optimizers, emas, config.keep_checkpoints, accelerator.num_processes)
-                objective.export(_ema_copies(modules, emas), out_dir / "export")
+        main = accelerator.is_main_process
+        if main and (step % config.log_every == 0 or last):
+            log.append({"step": step, "seconds_per_step": time.monotonic() - tick, **recent})
+        if step % config.sample_every == 0:
+            averaged = _ema_copies(modules, emas, plain, accelerator.is_main_process)
+            if main and (metrics := objective.sample(averaged, out_dir / "samples", step)):
+                log.append({"step": step, **metrics})
+        if checkpoint_due:
+            save_checkpoint(out_dir, step, modules, optimizers, emas, config.keep_checkpoints, accelerator.num_processes,
+                            write=main)
+            averaged = _ema_copies(modules, emas, plain, accelerator.is_main_process)
+            if main:
+                objective.export(averaged, out_dir / "export")
         accelerator.wait_for_everyone()
         if last:
             break
@@ -435,7 +508,17 @@ def check_ranks_agree(accelerator: Accelerator, modules: dict[str, torch.nn.Modu
         raise RuntimeError(f"processes hold different weights for {differing}: their gradients were not all-reduced")
 
 
-def _ema_copies(modules: dict[str, torch.nn.Module], emas: dict[str, EMA]) -> dict[str, torch.nn.Module]:
-    import copy
-
-    return {name: ema.copy_to(copy.deepcopy(modules[name])).eval() for name, ema in emas.items()}
+def _ema_copies(modules: dict[str, torch.nn.Module], emas: dict[str, EMA], plain: dict[str, torch.nn.Module],
+                main: bool) -> dict[str, torch.nn.Module]:
+    """The averaged models as plain modules, on the main process. Every process calls this:
+    sharded averages are gathered, into the main process's `plain` copies."""
+    copies = {}
+    for name, ema in emas.items():
+        if is_sharded(modules[name]):
+            shadow = ema.full_shadow()
+            if main:
+                plain[name].load_state_dict({**plain[name].state_dict(), **shadow})
+                copies[name] = plain[name].eval()
+        elif main:
+            copies[name] = ema.copy_to(copy.deepcopy(modules[name])).eval()
+    return copies

@@ -29,6 +29,7 @@ from causvid.models.denoiser import WanDenoiser
 from causvid.rollout import CausalRollout
 from causvid.samplers import guided_velocity
 from causvid.schedule import add_noise, randn_like, shift_sigma, velocity_target, x0_from_velocity
+from causvid.sharding import agreed_generator
 from distill.self_forcing import self_forcing_rollout
 from distill.student import StudentObjective, block_levels
 
@@ -196,14 +197,16 @@ class DMDObjective(StudentObjective):
             sink_frames=self.pipeline_config.sink_frames, window_frames=self.pipeline_config.window_frames,
             rng=rng, device=device,
         )
-        start = int(torch.randint(self.rollout_blocks - self.window_blocks + 1, (1,), generator=rng))
+        # Where the window lands, switches and image starts change which forwards run: one draw for all processes.
+        layout = agreed_generator(rng)
+        start = int(torch.randint(self.rollout_blocks - self.window_blocks + 1, (1,), generator=layout))
         switch = None
-        if start > 0 and float(torch.rand(1, generator=rng)) < self.switch_probability:
-            switch = (int(torch.randint(1, start + 1, (1,), generator=rng)),
+        if start > 0 and float(torch.rand(1, generator=layout)) < self.switch_probability:
+            switch = (int(torch.randint(1, start + 1, (1,), generator=layout)),
                       self.encode(batch["switch_caption"], device))
-        if self.image_probability and float(torch.rand(1, generator=rng)) < self.image_probability:
+        if self.image_probability and float(torch.rand(1, generator=layout)) < self.image_probability:
             rollout.commit(self.first_frames(batch["scene"], rng).to(device), text)
-        x = self_forcing_rollout(rollout, model, text, self.latent_frames, rng, start_block=start, switch=switch,
+        x = self_forcing_rollout(rollout, model, text, self.latent_frames, layout, start_block=start, switch=switch,
                                  recache=self.pipeline_config.switch_recache)
         return x, text if switch is None else switch[1]
 

@@ -45,7 +45,8 @@ def self_forcing_rollout(
     its gradients are the ones the optimiser (and, across processes, the all-reduce) sees.
     `switch` = (block, new text) changes the prompt from that block on (at most `start_block`,
     so the window is made under one prompt), re-caching as inference does when `recache`.
-    `rng` draws each window block's exit step, or `exit_step` fixes it (for checks).
+    `rng` draws each window block's exit step, or `exit_step` fixes it (for checks); with sharded
+    models it must draw alike on every process (`causvid.sharding.agreed_generator`).
     """
     if rollout.cache is None:
         raise ValueError("self-forcing rolls out against a KV cache: build the rollout with use_kv_cache=True")

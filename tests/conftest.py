@@ -69,7 +69,7 @@ def tiny_denoiser():
     return WanDenoiser(build_transformer("tiny", seed=1), block_frames=2).eval()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_as_two_cpu_processes():
     """Runs `causvid` with the given arguments as 2 gloo ranks and checks that it succeeded."""
 
