@@ -54,8 +54,8 @@ class TextEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to(self, device: torch.device | str) -> "TextEncoder":
-        self.model.to(device)
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TextEncoder":
+        self.model.to(device=device, dtype=dtype)
         self._cache.clear()
         return self
 

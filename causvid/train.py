@@ -454,7 +454,7 @@ def train(config: TrainConfig, objective: Objective) -> int:
                     optimizers[name].zero_grad(set_to_none=True)
                 accelerator.backward(loss / parts)
                 logs[f"loss_{name}"] = logs.get(f"loss_{name}", 0.0) + loss.item() / parts
-                logs.update(extra)
+                logs.update({k: float(v) for k, v in extra.items()})  # tensors or numbers
         for name in losses:
             logs[f"grad_norm_{name}"] = grad_norm(accelerator.clip_grad_norm_(wrapped[name].parameters(), config.grad_clip))
             optimizers[name].step()

@@ -5,6 +5,7 @@
     dmd         asymmetric DMD, CausVid or Self-Forcing student input (stage 3)
     compare     shapes-bench of several checkpoints: the ablation table
     drift       shapes-bench per segment of long streams
+    memory      memory per GPU of DMD at Wan2.1-1.3B's size, sharded over N GPUs
 """
 
 from __future__ import annotations
@@ -92,6 +93,17 @@ def _drift(args: argparse.Namespace) -> None:
     print(json.dumps({s["start_frame"]: summary(s) for s in report["segments"]}, indent=2))
 
 
+def _memory(args: argparse.Namespace) -> None:
+    from distill.memory import dmd_memory
+
+    if any(n < 1 for n in args.gpus):
+        raise UserError(f"--gpus must be positive, got {args.gpus}")
+    record = json.dumps(dmd_memory(args.gpus), indent=2)
+    if args.out is not None:
+        args.out.write_text(record + "\n")
+    print(record)
+
+
 def _add_bench_args(parser: argparse.ArgumentParser, frames: int, seeds: list[int], num_seen: int, num_pairs: int) -> None:
     parser.add_argument("--frames", type=int, default=frames, help="pixel frames per video")
     parser.add_argument("--seeds", type=int, nargs="+", default=seeds, help="noise seeds per prompt")
@@ -144,3 +156,8 @@ def register(subparsers) -> None:
     drifting.add_argument("--steps", type=int, default=None, help="student steps per block")
     add_checkpoint_args(drifting)
     drifting.set_defaults(func=_drift)
+
+    memory = stages.add_parser("memory", help="memory per GPU of DMD at Wan2.1-1.3B's size, sharded (JSON)")
+    memory.add_argument("--gpus", type=int, nargs="+", default=[8, 64], help="GPU counts to size for")
+    memory.add_argument("--out", type=Path, default=None, help="also write the JSON record here")
+    memory.set_defaults(func=_memory)

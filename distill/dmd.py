@@ -16,6 +16,7 @@ one causal forward) or Self-Forcing's (its own autoregressive rollout, `distill.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ class DMD:
             fake_x0 = x0_from_velocity(x_t, fake_score(x_t, sigma, text), sigma)
             grad = dmd_gradient(x.detach(), real_x0, fake_x0)
         loss = 0.5 * F.mse_loss(x.float(), (x.detach() - grad).float())
-        return loss, {"dmd_grad_abs": grad.abs().mean().item()}
+        return loss, {"dmd_grad_abs": grad.abs().mean()}
 
     def critic_loss(
         self, x: torch.Tensor, fake_score, text: torch.Tensor, rng: torch.Generator
@@ -105,6 +106,8 @@ class DMDObjective(StudentObjective):
         image_probability: self-forcing only: the share of rollouts that start, as an image-to-video
             stream does, from a first frame of the prompt's scene (rendered, encoded and committed
             to the cache before the first block).
+        switch_recache: whether the student's streams re-cache on a switch, in training rollouts and
+            in the exported pipeline. None: as the teacher's pipeline says.
         sample_cases, sample_frames: the shapes-bench check run every `sample_every` steps.
     """
 
@@ -121,6 +124,7 @@ class DMDObjective(StudentObjective):
         rollout_blocks: int | None = None,
         switch_probability: float = 0.0,
         image_probability: float = 0.0,
+        switch_recache: bool | None = None,
         sample_cases: int = 4,
         sample_frames: int = 33,
     ):
@@ -133,6 +137,8 @@ class DMDObjective(StudentObjective):
         if self.config.data.get("type", "ode_pairs") != wanted:
             raise UserError(f"student_input {student_input!r} needs data of type {wanted!r}")
         self.student_input = student_input
+        if switch_recache is not None:
+            self.pipeline_config = replace(self.pipeline_config, switch_recache=switch_recache)
         self.student_every = student_every
         self.latent_frames = num_latent_frames(num_frames)
         window_blocks = -(-self.latent_frames // self.pipeline_config.block_frames)
