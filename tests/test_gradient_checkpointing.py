@@ -47,14 +47,15 @@ def test_masked_and_guided_forwards(mode):
     _same(_grads(plain, run), _grads(checkpointed, run))
 
 
-def test_a_cached_block_recomputes_against_the_cache_it_saw():
+@pytest.mark.parametrize("window_frames", [2, None])  # a rolling cache that evicts; one that grows
+def test_a_cached_block_recomputes_against_the_cache_it_saw(window_frames):
     plain, checkpointed = _pair()
     caches = {}
 
     def run(model):
         # Two blocks into the cache, a gradient-carrying third block, then another commit: the
         # recomputation must not see (or write) the frames committed after it ran.
-        cache = caches[id(model)] = model.new_cache(8, 8, sink_frames=1, window_frames=2)
+        cache = caches[id(model)] = model.new_cache(8, 8, sink_frames=1, window_frames=window_frames)
         with torch.no_grad():
             for block in (x[:, :, :2], x[:, :, 2:4]):
                 model(block, torch.zeros(2), text, cache=cache, write_cache=True)
@@ -64,7 +65,29 @@ def test_a_cached_block_recomputes_against_the_cache_it_saw():
         return out
 
     _same(_grads(plain, run), _grads(checkpointed, run))
-    assert caches[id(checkpointed)].cached_frames == caches[id(plain)].cached_frames == 3
+    assert caches[id(checkpointed)].cached_frames == caches[id(plain)].cached_frames == (3 if window_frames else 6)
+
+
+def test_a_growing_caches_snapshot_reads_the_live_tensors_and_refuses_other_changes():
+    from causvid.models.attention import KVCache
+
+    cache = KVCache(num_layers=2, tokens_per_frame=4)
+    for layer in range(2):
+        cache.append(layer, torch.randn(1, 8, 2, 3), torch.randn(1, 8, 2, 3))
+    before = [k.clone() for k in cache.keys]
+    snapshot = cache.frozen()
+    for layer in range(2):
+        cache.append(layer, torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 3))
+    assert snapshot.cached_frames == 2 and cache.cached_frames == 3
+    for layer in range(2):
+        assert torch.equal(snapshot.keys[layer], before[layer])
+        # A view of the live cache, not a second copy of its frames.
+        assert snapshot.keys[layer].untyped_storage().data_ptr() == cache.keys[layer].untyped_storage().data_ptr()
+    assert KVCache(num_layers=2, tokens_per_frame=4).frozen().keys[0] is None  # empty stays empty
+    merged = KVCache.stacked([cache, cache])
+    cache.take_row(merged, 0)  # not an append: the snapshot can no longer vouch for its frames
+    with pytest.raises(RuntimeError, match="other than by appends"):
+        snapshot.keys[0]
 
 
 def test_training_with_checkpointing_matches_training_without(tmp_path, tiny_checkpoint, monkeypatch):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Iterator
 
@@ -81,6 +82,7 @@ class KVCache:
     cross: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     cross_text: torch.Tensor | None = None
     _rotated: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list, repr=False)
+    _edits: int = field(default=0, repr=False)  # changes other than appends: evictions, rows taken
 
     def __post_init__(self) -> None:
         if self.window_frames is not None and self.window_frames < 0:
@@ -105,6 +107,7 @@ class KVCache:
         if keep is not None:
             tokens = (keep[:, None] * self.tokens_per_frame + torch.arange(self.tokens_per_frame)).flatten()
             key, value = key[:, tokens], value[:, tokens]
+            self._edits += 1
         self.keys[layer], self.values[layer] = key, value
 
     def rotated_keys(self, layer: int, rotation: torch.Tensor) -> torch.Tensor:
@@ -162,16 +165,28 @@ class KVCache:
         return merged
 
     def frozen(self) -> "KVCache":
-        """A copy holding this moment's tensors: later appends and evictions replace the lists'
-        tensors in this cache, not in the copy (for recomputing a block in the backward pass)."""
+        """A copy that keeps reading this moment's K/V after later appends and evictions (for
+        recomputing a block in the backward pass).
+
+        A cache without a window only ever grows, so the copy reads the first frames of the
+        live cache's tensors: a rollout's checkpointed blocks then share one cache instead of
+        each keeping the cache of its moment (at Wan2.1-1.3B's size, 21 frames: tens of GiB).
+        A rolling cache evicts, so its copy holds this moment's tensors.
+        """
         snapshot = copy.copy(self)
-        snapshot.keys, snapshot.values = list(self.keys), list(self.values)
-        snapshot.cross, snapshot._rotated = list(self.cross), list(self._rotated)
+        snapshot.cross, snapshot._rotated = list(self.cross), [None] * self.num_layers
+        if self.window_frames is None:
+            tokens = self.cached_frames * self.tokens_per_frame
+            snapshot.keys, snapshot.values = _CachePrefix(self, "keys", tokens), _CachePrefix(self, "values", tokens)
+        else:
+            snapshot.keys, snapshot.values = list(self.keys), list(self.values)
+            snapshot._rotated = list(self._rotated)
         return snapshot
 
     def take_row(self, merged: "KVCache", row: int) -> None:
         """Become batch row `row` of a `stacked` cache (after the batch ran)."""
         rows = slice(row, row + 1)
+        self._edits += 1
         for layer in range(merged.num_layers):
             if merged.keys[layer] is not None:  # None until a first block is committed
                 self.keys[layer] = merged.keys[layer][rows]
@@ -179,6 +194,22 @@ class KVCache:
             cross = merged.cross[layer]
             self.cross[layer] = None if cross is None else (cross[0][rows], cross[1][rows])
         self.cross_text = None if merged.cross_text is None else merged.cross_text[rows]
+
+
+class _CachePrefix(Sequence):
+    """Per layer, the first `tokens` of a growing cache's keys or values (None while empty)."""
+
+    def __init__(self, cache: KVCache, name: str, tokens: int):
+        self.cache, self.name, self.tokens, self.edits = cache, name, tokens, cache._edits
+
+    def __len__(self) -> int:
+        return self.cache.num_layers
+
+    def __getitem__(self, layer: int) -> torch.Tensor | None:
+        if self.cache._edits != self.edits:
+            raise RuntimeError("the KV cache changed other than by appends after a checkpointed block read it")
+        tensor = getattr(self.cache, self.name)[layer]
+        return None if self.tokens == 0 or tensor is None else tensor[:, : self.tokens]
 
 
 @dataclass
