@@ -391,6 +391,8 @@ class CausVidPipeline:
         "vin-dit", the DiT trained with the VIN, without its tokens (an ablation).
         """
         prompt = check_prompt(prompt)
+        if num_frames < 1:
+            raise UserError(f"num_frames must be >= 1, got {num_frames}")
         if model not in PARALLEL_MODELS:
             raise UserError(f"unknown parallel model {model!r}; use one of {', '.join(PARALLEL_MODELS)}")
         if model != "teacher" and self.parallel is None:

@@ -157,6 +157,8 @@ def test_parallel_mode_from_the_api_any_length(vin_checkpoint):
     for model in ("teacher", "vin-dit"):  # the teacher's chunks, and the VIN's DiT without its tokens
         without = pipe.generate_parallel("a red circle moving right", 30, seed=1, steps=2, model=model)
         assert without.shape == same.shape and not np.array_equal(without, same)
+    with pytest.raises(UserError, match="num_frames must be >= 1"):
+        pipe.generate_parallel("a red circle", 0)
 
 
 def test_parallel_mode_from_the_cli(vin_checkpoint, tiny_checkpoint, tmp_path, capsys):
