@@ -69,6 +69,9 @@ class PipelineConfig:
     # Off unless the student was distilled with it: the shipped student, which was not, holds fewer
     # switches with it (docs/experiments.md).
     switch_recache: bool = False
+    # Or start the new prompt as a fresh stream: a scene cut, the shapes world's ground truth for a
+    # switch to another scene. The cut wins over the re-cache.
+    switch_cut: bool = False
     # Parallel long videos (mode "parallel"): chunks of chunk_frames latent frames, each seeing the
     # context_frames before it, so a chunk's window is the teacher's clip length (5 + 1 = 6 latent
     # frames, 21 pixel frames); overlaps blend while sigma > blend_cutoff, the early steps that lay

@@ -103,6 +103,15 @@ class CausalRollout:
         zero = torch.zeros(clean.shape[0], device=clean.device)
         self.denoiser(clean, zero, text, cache=self.cache, write_cache=True)
 
+    def restart(self) -> None:
+        """Forget every committed frame: the next block starts a new stream (a scene cut), its
+        noise still drawn from this stream's RNG."""
+        if self.cache is not None:
+            old = self.cache
+            self.cache = self.denoiser.new_cache(self.height, self.width, old.sink_frames, old.window_frames)
+        self.history = None
+        self.frames_done = 0
+
     @torch.no_grad()
     def recache(self, text: torch.Tensor) -> None:
         """Rebuild the KV cache from the frames it holds, under a new prompt (LongLive's KV re-cache).

@@ -150,7 +150,7 @@ def _bench_live(args: argparse.Namespace) -> None:
     record = run_live_bench(
         args.checkpoint, args.device, seconds=args.seconds, switch_seconds=args.switch_seconds,
         i2v_seconds=args.i2v_seconds, segment_seconds=args.segment_seconds, num_long=args.streams, seed=args.seed,
-        recache={"on": True, "off": False, None: None}[args.recache], sheet=args.sheet,
+        switch=args.switch, sheet=args.sheet,
     )
     if args.out is not None:
         args.out.write_text(json.dumps(record, indent=2))
@@ -254,8 +254,9 @@ def register(subparsers) -> None:
     live.add_argument("--i2v-seconds", type=float, default=20.0, help="length of each image-to-video stream")
     live.add_argument("--segment-seconds", type=float, default=10.0, help="scored segment length")
     live.add_argument("--seed", type=int, default=0, help="noise seed of every stream")
-    live.add_argument("--recache", choices=("on", "off"), default=None,
-                      help="KV re-cache on the chain's switches (default: the model's switch_recache)")
+    live.add_argument("--switch", choices=("keep", "recache", "cut"), default=None,
+                      help="the chain's switches keep the KV cache, re-cache it under the new prompt, or cut to a "
+                           "new stream (default: the model's switch_recache / switch_cut)")
     live.add_argument("--sheet", type=Path, default=None, help="write a contact sheet (PNG) here")
     live.add_argument("--out", type=Path, default=None, help="also write the JSON record here")
     live.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -91,9 +91,9 @@ class StreamClient:
         return await self.wait_event("started")
 
     async def switch_prompt(self, prompt: str, interpolate_blocks: int | None = None,
-                            recache: bool | None = None) -> None:
-        fields = {name: value for name, value in (("interpolate_blocks", interpolate_blocks), ("recache", recache))
-                  if value is not None}
+                            recache: bool | None = None, cut: bool | None = None) -> None:
+        fields = {name: value for name, value in
+                  (("interpolate_blocks", interpolate_blocks), ("recache", recache), ("cut", cut)) if value is not None}
         await self.send("prompt", prompt=prompt, **fields)
 
     async def send_frame(self, frame: np.ndarray | bytes) -> None:

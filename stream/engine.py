@@ -178,7 +178,7 @@ class Engine:
         if controls.switch is not None:
             switch = controls.switch
             blocks = request.interpolate_blocks if switch.interpolate_blocks is None else switch.interpolate_blocks
-            state.switch_prompt(switch.prompt, blocks, switch.recache)
+            state.switch_prompt(switch.prompt, blocks, switch.recache, switch.cut)
         if state.mode == "v2v":
             state.feed(controls.inputs, controls.arrivals)
             if controls.end_input:

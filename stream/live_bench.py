@@ -19,13 +19,14 @@ The record is one JSON object; a contact sheet shows a frame every few seconds o
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from causvid.data.shapes import ObjectSpec, SceneSpec, block_first_frame, canonical_caption, render_clip
+from causvid.data.shapes import ObjectSpec, SceneSpec, canonical_caption, render_clip
 from causvid.errors import UserError
 from causvid.eval.shapes_bench import analyze_video, contact_sheet, frame_checks
 from causvid.pipeline import CausVidPipeline, load_pipeline
@@ -47,6 +48,10 @@ I2V_SCENES = (
     SceneSpec("white", (ObjectSpec("square", "green", "large", "right"),)),
     SceneSpec("black", (ObjectSpec("circle", "orange", "large", "up"),)),
 )
+# What a switch message asks of the KV cache: keep it (new cross-attention only), re-cache its
+# frames under the new prompt, or cut to a new stream.
+SWITCHES = {"keep": {"recache": False, "cut": False}, "recache": {"recache": True, "cut": False},
+            "cut": {"recache": False, "cut": True}}
 HOLD_SHARE = 0.9  # a new scene holds from the first passing frame after which this share of its segment passes
 
 
@@ -86,35 +91,40 @@ def hold_frame(frames: np.ndarray, scene: SceneSpec) -> int | None:
 
 
 async def _record(url: str, prompt: str, frames: int, seed: int, switches: Sequence[str] = (),
-                  image: np.ndarray | None = None, recache: bool | None = None,
-                  block_frames: int = 3) -> tuple[np.ndarray, list[int], int]:
-    """One fast-paced stream: uint8 [T, H, W, 3], the block each switch applied to, and the frames
-    the server dropped. Each prompt (the first, then each of `switches`) runs at least `frames`
-    frames: a switch is sent once that many frames have arrived since the last one applied."""
-    images, blocks, pending = [], [], list(switches)
+                  image: np.ndarray | None = None,
+                  switch: str | None = None) -> tuple[np.ndarray, list[int], list[int], int]:
+    """One fast-paced stream: uint8 [T, H, W, 3], the block each switch applied to and its first
+    frame, and the frames the server dropped. Each prompt (the first, then each of `switches`) runs
+    at least `frames` frames: a switch is sent once that many frames have arrived since the last
+    one applied. `switch` is how the server treats the KV cache at each (None: the model's way)."""
+    images, frame_blocks, blocks, pending = [], [], [], list(switches)
     async with await StreamClient.connect(url, max_queue=None) as client:
         await client.start(prompt, "i2v" if image is not None else "t2v", image=image, seed=seed, pacing="fast")
         dropped = 0
 
+        def first_frame(block: int) -> int:  # a cut's first block is shorter: read blocks off the stream
+            return bisect.bisect_left(frame_blocks, block)
+
         def since_last_switch() -> int:
-            return len(images) - (block_first_frame(blocks[-1], block_frames) if blocks else 0)
+            return len(images) - (first_frame(blocks[-1]) if blocks else 0)
 
         while pending or len(blocks) < len(switches) or since_last_switch() < frames:
             message = await client.recv(120.0)
             if isinstance(message, Frame):
                 images.append(message.image())
+                frame_blocks.append(message.header.block)
                 dropped = message.header.dropped
                 if pending and since_last_switch() >= frames and len(blocks) == len(switches) - len(pending):
-                    await client.switch_prompt(pending.pop(0), recache=recache)
+                    await client.switch_prompt(pending.pop(0), **({} if switch is None else SWITCHES[switch]))
             elif message["type"] == "prompt":
                 blocks.append(int(message["block"]))
             elif message["type"] == "error":
                 raise StreamError(message)
-    return np.stack(images), blocks, dropped
+    return np.stack(images), blocks, [first_frame(block) for block in blocks], dropped
 
 
 async def _run(pipe: CausVidPipeline, seconds: float, switch_seconds: float, i2v_seconds: float,
-               segment_seconds: float, long_scenes: Sequence[SceneSpec], seed: int, recache: bool | None,
+               segment_seconds: float, long_scenes: Sequence[SceneSpec], seed: int, switch: str | None,
                sheet: Path | None) -> dict:
     fps, k = pipe.config.fps, pipe.config.block_frames
     segment = round(segment_seconds * fps)
@@ -130,7 +140,7 @@ async def _run(pipe: CausVidPipeline, seconds: float, switch_seconds: float, i2v
         long = []
         for scene in long_scenes:
             prompt = canonical_caption(scene)
-            frames, _, dropped = await _record(url, prompt, round(seconds * fps), seed)
+            frames, _, _, dropped = await _record(url, prompt, round(seconds * fps), seed)
             long.append({"prompt": prompt, "frames": len(frames), "dropped": dropped,
                          "segments": segment_scores(frames, scene, segment)})
             keep(frames, f"{seconds:g} s, a frame every {len(frames) // 12 / fps:g} s: {prompt}", len(frames) // 12)
@@ -139,15 +149,14 @@ async def _run(pipe: CausVidPipeline, seconds: float, switch_seconds: float, i2v
         prompts = [canonical_caption(scene) for scene in scenes]
         per_prompt = round(switch_seconds * fps)
         allowance = 2 * 4 * k  # two blocks of pixel frames: the time a switch may take to hold
-        frames, blocks, dropped = await _record(url, prompts[0], per_prompt, seed, prompts[1:], recache=recache,
-                                                block_frames=k)
+        frames, blocks, firsts, dropped = await _record(url, prompts[0], per_prompt, seed, prompts[1:], switch=switch)
         keep(frames, "switch chain, a frame every half prompt", per_prompt // 2)
-        firsts = [block_first_frame(block, k) for block in blocks] + [len(frames)]
+        firsts = firsts + [len(frames)]
         chain = []
         for i, (scene, first, end) in enumerate(zip(scenes[1:], firsts, firsts[1:]), start=1):
             block = blocks[i - 1]
             held = hold_frame(frames[first:end], scene)
-            fresh, _, _ = await _record(url, prompts[i], end - first, seed)
+            fresh, _, _, _ = await _record(url, prompts[i], end - first, seed)
             scored = slice(allowance, end - first)
             after, alone = analyze_video(frames[first:end][scored], scene), analyze_video(fresh[scored], scene)
             chain.append({"prompt": prompts[i], "block": block, "first_frame": first,
@@ -159,7 +168,7 @@ async def _run(pipe: CausVidPipeline, seconds: float, switch_seconds: float, i2v
         for scene in I2V_SCENES:
             prompt = canonical_caption(scene)
             image = render_clip(scene, 1, pipe.config.height, pipe.config.width, np.random.default_rng(seed))[0]
-            frames, _, dropped = await _record(url, prompt, round(i2v_seconds * fps), seed, image=image)
+            frames, _, _, dropped = await _record(url, prompt, round(i2v_seconds * fps), seed, image=image)
             i2v.append({"prompt": prompt, "dropped": dropped, "segments": segment_scores(frames, scene, segment)})
             keep(frames, f"i2v, a frame every {len(frames) // 12 / fps:g} s: {prompt}", len(frames) // 12)
     if sheet is not None:
@@ -197,11 +206,14 @@ def summarise(record: dict) -> dict:
 
 def run_live_bench(checkpoint: str | Path | None = None, device: str | None = None, seconds: float = 600.0,
                    switch_seconds: float = 6.0, i2v_seconds: float = 20.0, segment_seconds: float = 10.0,
-                   num_long: int = 2, seed: int = 0, recache: bool | None = None, sheet: Path | None = None) -> dict:
+                   num_long: int = 2, seed: int = 0, switch: str | None = None, sheet: Path | None = None) -> dict:
     """Load a checkpoint (default: the shipped one) and run the live bench; one JSON-ready record.
 
-    `recache` sets how the chain's switches treat the KV cache (None: the model's default).
+    `switch` ("keep", "recache" or "cut") sets how the chain's switches treat the KV cache (None:
+    the model's default).
     """
+    if switch is not None and switch not in SWITCHES:
+        raise UserError(f"unknown switch {switch!r}; use one of {', '.join(SWITCHES)}")
     if min(seconds, switch_seconds, i2v_seconds, segment_seconds) <= 0 or not 1 <= num_long <= len(LONG_SCENES):
         raise UserError(f"durations must be positive and num_long in 1..{len(LONG_SCENES)}")
     if segment_seconds > min(seconds, i2v_seconds):
@@ -215,12 +227,12 @@ def run_live_bench(checkpoint: str | Path | None = None, device: str | None = No
         "bench": "live",
         "checkpoint": str(checkpoint or "shipped"),
         "config": {k: getattr(pipe.config, k) for k in ("fps", "block_frames", "sink_frames", "window_frames",
-                                                        "switch_recache")},
+                                                        "switch_recache", "switch_cut")},
         "seconds": seconds, "switch_seconds": switch_seconds, "i2v_seconds": i2v_seconds,
         "segment_seconds": segment_seconds, "seed": seed,
-        "recache": pipe.config.switch_recache if recache is None else recache,
+        "switch": switch or ("cut" if pipe.config.switch_cut else "recache" if pipe.config.switch_recache else "keep"),
     }
     record.update(asyncio.run(_run(pipe, seconds, switch_seconds, i2v_seconds, segment_seconds,
-                                   LONG_SCENES[:num_long], seed, recache, sheet)))
+                                   LONG_SCENES[:num_long], seed, switch, sheet)))
     record["summary"] = summarise(record)
     return record

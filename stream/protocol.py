@@ -75,6 +75,7 @@ class PromptSwitch:
     prompt: str
     interpolate_blocks: int | None = None  # None: the stream's default
     recache: bool | None = None  # None: the model's default (PipelineConfig.switch_recache)
+    cut: bool | None = None  # None: the model's default (PipelineConfig.switch_cut)
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def parse_message(raw: str | bytes, limits: Limits) -> Message:
         return _start(data, limits)
     if kind == "prompt":
         return PromptSwitch(_prompt(data, limits), _integer(data, "interpolate_blocks", 0, limits.max_interpolate_blocks, None),
-                            _field(data, "recache", bool))
+                            _field(data, "recache", bool), _field(data, "cut", bool))
     if kind == "stop":
         return Stop()
     if kind == "end_input":

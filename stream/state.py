@@ -78,6 +78,7 @@ class StreamState:
         self.text = pipe.encode_prompt(request.prompt)
         self._upcoming: list[torch.Tensor] = []  # embeddings of the next blocks during a prompt switch
         self._recache = pipe.config.switch_recache
+        self._cut = False  # the next block starts a new stream (a switch with a scene cut)
         self._events: list[tuple[str, dict]] = []
         self.blocks = 0
         self.frames = 0
@@ -112,18 +113,22 @@ class StreamState:
         self.rollout.commit(latent, self.text)
         return latent
 
-    def switch_prompt(self, prompt: str, interpolate_blocks: int, recache: bool | None = None) -> None:
+    def switch_prompt(self, prompt: str, interpolate_blocks: int, recache: bool | None = None,
+                      cut: bool | None = None) -> None:
         """Use `prompt` from the next block, after `interpolate_blocks` blocks of lerped embeddings.
 
         With `recache` (default: the pipeline's `switch_recache`) each new embedding first
-        recomputes the cached frames' K/V under it (`CausalRollout.recache`).
+        recomputes the cached frames' K/V under it (`CausalRollout.recache`). With `cut` (default:
+        the pipeline's `switch_cut`) the next block starts a new stream of the new prompt instead:
+        no interpolation, an empty cache, and the decoder's first frame, as a scene cut.
         """
         target = self.pipe.encode_prompt(prompt)
-        n = interpolate_blocks
+        self._cut = self.pipe.config.switch_cut if cut is None else cut
+        n = 0 if self._cut else interpolate_blocks
         self._upcoming = [torch.lerp(self.text, target, j / (n + 1)) for j in range(1, n + 1)] + [target]
         self._recache = self.pipe.config.switch_recache if recache is None else recache
         self._events.append(("prompt", {"prompt": prompt, "block": self.blocks, "interpolate_blocks": n,
-                                        "recache": self._recache}))
+                                        "recache": self._recache, "cut": self._cut}))
 
     def feed(self, images: list[np.ndarray], arrivals: list[float]) -> None:
         """v2v: encode input frames; complete latent frames queue up for denoising."""
@@ -162,7 +167,11 @@ class StreamState:
             return None
         if self._upcoming:
             self.text = self._upcoming.pop(0)
-            if self._recache:
+            if self._cut:
+                self.rollout.restart()
+                self.decoder = self.pipe.autoencoder.new_decoder_stream()
+                self._cut = False
+            elif self._recache:
                 self.rollout.recache(self.text)
         self._origin = time.time()
         k = self.block_frames

@@ -113,6 +113,14 @@ def test_the_student_loads_without_reading_a_corrupt_teacher(tiny_checkpoint, tm
                              "--checkpoint", str(copy), "--device", "cpu"], "teacher")
 
 
+def test_a_prompt_switch_may_ask_for_a_cut_or_a_recache_as_booleans():
+    switch = parse_message('{"type": "prompt", "prompt": "a blue square", "cut": true}', Limits())
+    assert (switch.cut, switch.recache) == (True, None)
+    with pytest.raises(ProtocolError) as refused:
+        parse_message('{"type": "prompt", "prompt": "a blue square", "cut": "yes"}', Limits())
+    assert "cut" in str(refused.value)
+
+
 def test_deeply_nested_json_is_bad_json_not_a_crash():
     with pytest.raises(ProtocolError) as refused:
         parse_message("[" * 50_000 + "]" * 50_000, Limits())

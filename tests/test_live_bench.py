@@ -14,6 +14,7 @@ from causvid.data.shapes import (
     render_clip,
     render_segments,
 )
+from causvid.errors import UserError
 from causvid.eval.shapes_bench import frame_checks
 from stream.live_bench import (
     LONG_SCENES,
@@ -74,9 +75,23 @@ def test_a_live_run_through_the_server(tiny_checkpoint, tmp_path):
     # Each prompt runs at least switch_seconds before the next switch is sent.
     assert all(b - a >= fps for a, b in zip([0] + [s["first_frame"] for s in switches],
                                             [s["first_frame"] for s in switches]))
-    assert record["recache"] is True and sheet.exists()
+    assert record["switch"] == "recache" and sheet.exists()  # the tiny preset's switch_recache
     assert set(record["summary"]) == {"long", "i2v", "switch_chain"}
     with pytest.raises(ValueError, match="segment_seconds"):
         run_live_bench(tiny_checkpoint, "cpu", seconds=1.0, segment_seconds=2.0)
     with pytest.raises(ValueError, match="switch_seconds"):
         run_live_bench(tiny_checkpoint, "cpu", seconds=1.0, switch_seconds=0.5, segment_seconds=1.0)
+
+
+def test_cut_switches_restart_the_stream_and_are_found_where_they_applied(tiny_checkpoint):
+    record = run_live_bench(tiny_checkpoint, "cpu", seconds=1.0, switch_seconds=2.0, i2v_seconds=1.0,
+                            segment_seconds=1.0, num_long=1, switch="cut")
+    k = record["config"]["block_frames"]
+    switches = record["switch_chain"]["switches"]
+    assert record["switch"] == "cut" and len(switches) == len(SWITCH_CHAIN)
+    # A cut's first block starts with a lone frame, as a stream's first: 3 frames fewer than a
+    # block, so each switch starts 3 frames earlier per cut before it.
+    assert [s["first_frame"] for s in switches] == [block_first_frame(s["block"], k) - 3 * j
+                                                     for j, s in enumerate(switches)]
+    with pytest.raises(UserError, match="unknown switch"):
+        run_live_bench(tiny_checkpoint, "cpu", switch="reset")

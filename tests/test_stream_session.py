@@ -65,6 +65,31 @@ def test_a_switch_recaches_the_kv_cache_by_default_and_on_request_only(tiny_pipe
         torch.testing.assert_close(rollout.next_block(tiny_pipeline.encode_prompt(new)), blocks[True])
 
 
+def test_a_cut_starts_the_new_prompt_as_a_new_stream(tiny_pipeline):
+    request = StartRequest("t2v", "a red circle moving right", seed=3)
+    new = "a blue square bouncing on gray"
+    state = StreamState(tiny_pipeline, request)
+    with torch.inference_mode():
+        _blocks(state, 2)
+        state.switch_prompt(new, interpolate_blocks=2, cut=True)  # a cut does not interpolate
+        plan = state.plan()
+        assert state.rollout.cache.cached_frames == 0 and torch.equal(plan.text, tiny_pipeline.encode_prompt(new))
+        clean, parts = _block(state, plan)
+    event = dict(e for part in parts for e in part.events)["prompt"]
+    assert event["cut"] is True and event["interpolate_blocks"] == 0
+    k = tiny_pipeline.config.block_frames
+    # The decoder starts again too: the cut's first latent frame is one video frame, as a stream's first.
+    assert sum(len(part.jpegs) for part in parts) == 1 + 4 * (k - 1)
+    # A new stream of the new prompt with the same noise makes the same block.
+    with torch.inference_mode():
+        fresh = tiny_pipeline.new_rollout(3)
+        for _ in range(2):  # the noise the first two blocks drew
+            for _ in range(len(fresh.sigmas)):
+                fresh.noise(k)
+        torch.testing.assert_close(fresh.next_block(tiny_pipeline.encode_prompt(new)), clean)
+    assert state.rollout.cache.cached_frames == k and state.rollout.frames_done == k
+
+
 def test_prompt_interpolation_blends_embeddings_over_blocks(tiny_pipeline):
     state = StreamState(tiny_pipeline, StartRequest("t2v", "a red circle", seed=0))
     old, new = state.text, tiny_pipeline.encode_prompt("a green triangle")
