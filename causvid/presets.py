@@ -51,9 +51,10 @@ PRESETS: dict[str, dict] = {
         ),
         # A stream's context stays what the students are distilled with: a 2-block rollout's second
         # block sees the first block's 3 frames. Longer windows flood streams (docs/experiments.md).
-        # Nor do those rollouts ever switch prompt, so a switch keeps the cache as it is.
+        # A switch cuts to a new stream of the new prompt, the world's own switch: kept or re-cached
+        # contexts pull the old scene back (docs/benchmarks.md).
         "pipeline": dict(height=64, width=64, block_frames=3, shift=3.0, sink_frames=1, window_frames=2,
-                         switch_recache=False),
+                         switch_recache=False, switch_cut=True),
     },
 }
 

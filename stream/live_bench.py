@@ -200,6 +200,10 @@ def summarise(record: dict) -> dict:
             "min_score_vs_fresh": min(
                 (s[name] / s["fresh"][name] if s["fresh"][name] else 1.0) for s in switches for name in SCORES
             ) if switches else None,
+            # Over all switched segments: the switch's scores and fresh streams' of the same prompts.
+            "mean": {name: sum(s[name] for s in switches) / len(switches) for name in SCORES} if switches else None,
+            "mean_fresh": {name: sum(s["fresh"][name] for s in switches) / len(switches) for name in SCORES}
+            if switches else None,
         },
     }
 

@@ -77,6 +77,10 @@ def test_a_live_run_through_the_server(tiny_checkpoint, tmp_path):
                                             [s["first_frame"] for s in switches]))
     assert record["switch"] == "recache" and sheet.exists()  # the tiny preset's switch_recache
     assert set(record["summary"]) == {"long", "i2v", "switch_chain"}
+    chain = record["summary"]["switch_chain"]
+    for name in ("colour", "shape"):
+        assert chain["mean"][name] == pytest.approx(sum(s[name] for s in switches) / len(switches))
+        assert chain["mean_fresh"][name] == pytest.approx(sum(s["fresh"][name] for s in switches) / len(switches))
     with pytest.raises(ValueError, match="segment_seconds"):
         run_live_bench(tiny_checkpoint, "cpu", seconds=1.0, segment_seconds=2.0)
     with pytest.raises(ValueError, match="switch_seconds"):
