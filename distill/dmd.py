@@ -16,7 +16,6 @@ one causal forward) or Self-Forcing's (its own autoregressive rollout, `distill.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -106,8 +105,6 @@ class DMDObjective(StudentObjective):
         image_probability: self-forcing only: the share of rollouts that start, as an image-to-video
             stream does, from a first frame of the prompt's scene (rendered, encoded and committed
             to the cache before the first block).
-        switch_recache: whether the student's streams re-cache on a switch, in training rollouts and
-            in the exported pipeline. None: as the teacher's pipeline says.
         sample_cases, sample_frames: the shapes-bench check run every `sample_every` steps.
     """
 
@@ -124,7 +121,6 @@ class DMDObjective(StudentObjective):
         rollout_blocks: int | None = None,
         switch_probability: float = 0.0,
         image_probability: float = 0.0,
-        switch_recache: bool | None = None,
         sample_cases: int = 4,
         sample_frames: int = 33,
     ):
@@ -137,8 +133,6 @@ class DMDObjective(StudentObjective):
         if self.config.data.get("type", "ode_pairs") != wanted:
             raise UserError(f"student_input {student_input!r} needs data of type {wanted!r}")
         self.student_input = student_input
-        if switch_recache is not None:
-            self.pipeline_config = replace(self.pipeline_config, switch_recache=switch_recache)
         self.student_every = student_every
         self.latent_frames = num_latent_frames(num_frames)
         window_blocks = -(-self.latent_frames // self.pipeline_config.block_frames)

@@ -296,30 +296,6 @@ def test_image_to_video_rollouts_start_from_the_prompts_scene(tiny_checkpoint, t
     torch.testing.assert_close(commits[0], objective.first_frames(batch["scene"], rng))
 
 
-def test_switch_recache_setting_reaches_the_rollouts_and_the_exported_pipeline(tiny_checkpoint, tmp_path, monkeypatch):
-    from causvid.train import TrainConfig, build_objective
-    from distill.dmd import DMDObjective
-
-    recaches = []
-    original = CausalRollout.recache
-    monkeypatch.setattr(CausalRollout, "recache", lambda self, text: (recaches.append(1), original(self, text)))
-    for setting in (False, True):
-        config = TrainConfig.from_yaml(_run_config(
-            tmp_path, f"recache_{setting}", tiny_checkpoint, {"type": "prompts", "seed": 1}, student_input="self_forcing",
-            num_frames=13, rollout_blocks=6, switch_probability=1.0, switch_recache=setting))
-        objective = build_objective(config, {"dmd": DMDObjective})
-        item = objective.dataset()[0]
-        batch = {"caption": [item["caption"]], "switch_caption": [item["switch_caption"]]}
-        recaches.clear()
-        with torch.no_grad():
-            for seed in range(4):  # a switch in every rollout whose window starts after the first block
-                objective.generate(objective.student, batch, objective.encode(batch["caption"], "cpu"),
-                                   torch.Generator().manual_seed(seed), "cpu")
-        assert bool(recaches) is setting
-        objective.export({"student": objective.student}, tmp_path / f"export_{setting}")
-        assert load_pipeline(tmp_path / f"export_{setting}").config.switch_recache is setting
-
-
 def test_frozen_models_run_in_bf16_on_an_accelerator_under_bf16_and_stay_fp32_on_the_cpu(tiny_checkpoint, tmp_path):
     from causvid.train import TrainConfig, build_objective
     from distill.dmd import DMDObjective

@@ -20,7 +20,6 @@ import yaml
 
 from causvid.checkpoint import CheckpointError, load_tensors
 from causvid.cli import main
-from causvid.video_io import read_video
 
 TINY_AE = {
     "objective": "autoencoder", "max_steps": 6, "batch_size": 2, "lr": {"autoencoder": 2e-4},
@@ -191,28 +190,6 @@ def test_teacher_objective_trains_and_exports_a_pipeline(tmp_path):
                  "--checkpoint", str(tmp_path / "teacher" / "export"), "--device", "cpu"]) == 0
     # A config of the wrong kind is refused.
     assert main(["train", "autoencoder", "--config", str(path)]) == 2
-
-
-def test_teacher_windows_are_cut_alike_from_latents_and_masks_at_every_start(tmp_path):
-    from causvid.objectives.teacher import random_windows
-
-    latents = torch.arange(6.0)[None, None, :, None, None].expand(64, 2, 6, 3, 3).clone()
-    masks = torch.arange(6)[None, :, None, None].expand(64, 6, 3, 3).clone()
-    windows, cut = random_windows(latents, masks, 4, torch.Generator().manual_seed(0))
-    assert windows.shape == (64, 2, 4, 3, 3) and cut.shape == (64, 4, 3, 3)
-    starts = windows[:, 0, 0, 0, 0]
-    assert torch.equal(windows[:, 0, :, 0, 0], starts[:, None] + torch.arange(4.0))  # consecutive frames
-    assert torch.equal(cut[:, :, 0, 0].float(), windows[:, 0, :, 0, 0])  # the mask follows its clip
-    assert set(starts.tolist()) == {0.0, 1.0, 2.0}  # from the clip's first frame, and from mid-clip
-    with pytest.raises(ValueError, match="longer than the bank's clips"):
-        random_windows(latents, masks, 7, torch.Generator())
-    # A run on windows of 2 latent frames (5 pixel frames) from 9-frame clips samples windows.
-    path = _teacher_config(tmp_path, "windows", _tiny_autoencoder(tmp_path), sample_every=3, objective_args={
-        "sample_steps": 2, "sample_prompts": ["a red circle"], "window_frames": 2,
-    })
-    assert main(["train", "teacher", "--config", str(path)]) == 0
-    sample = next((tmp_path / "windows" / "samples").glob("*.mp4"))
-    assert read_video(sample).shape[0] == 5
 
 
 def test_loader_workers_change_neither_the_bank_nor_the_losses(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 from causvid.data import build_dataset
 from causvid.data.latent_bank import LatentBank
-from causvid.models.autoencoder import VideoAutoencoder, num_pixel_frames
+from causvid.models.autoencoder import VideoAutoencoder
 from causvid.models.denoiser import WanDenoiser
 from causvid.pipeline import CausVidPipeline, PipelineConfig
 from causvid.presets import build_transformer, preset
@@ -16,18 +16,6 @@ from causvid.schedule import add_noise, randn_like, shift_sigma, velocity_target
 from causvid.text import load_text_encoder
 from causvid.train import Objective
 from causvid.video_io import write_video
-
-
-def random_windows(latents: torch.Tensor, masks: torch.Tensor, frames: int,
-                   rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One window of `frames` latent frames per clip, at a uniformly random start: latents
-    [B, C, F, H, W] and their object masks [B, F, H, W] cut alike."""
-    total = latents.shape[2]
-    if frames > total:
-        raise ValueError(f"window_frames ({frames}) is longer than the bank's clips ({total} latent frames)")
-    starts = torch.randint(total - frames + 1, (latents.shape[0],), generator=rng).tolist()
-    return (torch.stack([clip[:, s : s + frames] for clip, s in zip(latents, starts)]),
-            torch.stack([mask[s : s + frames] for mask, s in zip(masks, starts)]))
 
 
 class TeacherObjective(Objective):
@@ -39,16 +27,11 @@ class TeacherObjective(Objective):
     Objects are found against a flat background (`object_pixels`), so this suits the shapes
     world, not footage; 0 (the default) is the plain loss. Training noise levels follow the
     sampler's shifted schedule, where it spends its steps.
-
-    `window_frames` trains on windows of that many latent frames at random places in longer
-    clips. A window from mid-clip starts with a latent of 4 frames, not the clip's lone first
-    frame, as every block after a stream's first does: a teacher that judges a student's later
-    blocks (long-rollout DMD) must have seen such windows. None: whole clips.
     """
 
     def __init__(self, config, autoencoder: str, preset_name: str = "shapes", caption_dropout: float = 0.1,
                  bank_size: int = 4096, sample_steps: int = 50, sample_prompts: list[str] | None = None,
-                 init_from: str | None = None, object_weight: float = 0.0, window_frames: int | None = None):
+                 init_from: str | None = None, object_weight: float = 0.0):
         self.config = config
         self.preset_name = preset_name
         self.pipeline_config = PipelineConfig(**preset(preset_name)["pipeline"])
@@ -62,7 +45,6 @@ class TeacherObjective(Objective):
             self.denoiser = WanDenoiser(build_transformer(preset_name, config.seed), block_frames).train()
         self.caption_dropout = caption_dropout
         self.object_weight = object_weight
-        self.window_frames = window_frames
         self.bank_size = bank_size
         self.sample_steps = sample_steps
         self.sample_prompts = sample_prompts or [
@@ -87,10 +69,6 @@ class TeacherObjective(Objective):
     def losses(self, models, batch, step, rng):
         x0 = batch["latents"]
         batch_size = x0.shape[0]
-        # Without object masks (footage, not a flat background) every cell weighs the same.
-        objects = batch["object_mask"].float() if "object_mask" in batch else torch.zeros_like(x0[:, 0])
-        if self.window_frames is not None:
-            x0, objects = random_windows(x0, objects, self.window_frames, rng)
         # Caption dropout: the empty prompt stands for "unconditional", as at sampling time.
         drop = torch.rand(batch_size, generator=rng) < self.caption_dropout
         captions = [self.pipeline_config.negative_prompt if d else c for d, c in zip(drop.tolist(), batch["caption"])]
@@ -98,6 +76,8 @@ class TeacherObjective(Objective):
         noise = randn_like(x0, rng)
         sigma = shift_sigma(torch.rand(batch_size, generator=rng), self.pipeline_config.shift).to(x0.device)
         velocity = models["teacher"](add_noise(x0, noise, sigma), sigma, text)
+        # Without object masks (footage, not a flat background) every cell weighs the same.
+        objects = batch["object_mask"].float() if "object_mask" in batch else torch.zeros_like(x0[:, 0])
         weights = (1 + self.object_weight * objects)[:, None]
         error = (velocity.float() - velocity_target(x0, noise)).square()
         loss = (error * weights).mean() / weights.mean()
@@ -111,8 +91,6 @@ class TeacherObjective(Objective):
     def sample(self, ema, out_dir, step):
         pipe = self.pipeline(ema["teacher"]).to(next(ema["teacher"].parameters()).device, torch.float32)
         frames = self.config.data.get("num_frames", 21)
-        if self.window_frames is not None:
-            frames = num_pixel_frames(self.window_frames)
         for i, prompt in enumerate(self.sample_prompts):
             video = pipe.generate(prompt, frames, seed=i, mode="teacher", steps=self.sample_steps)
             write_video(out_dir / f"step{step:07d}_{i}.mp4", video, self.pipeline_config.fps)
