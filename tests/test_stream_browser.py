@@ -56,7 +56,12 @@ def test_page_streams_switches_prompt_and_draws(tiny_pipeline, tmp_path):
             seen = int(_text(page, "frames"))
             page.wait_for_function(f"Number(document.getElementById('frames').textContent) >= {seen + 8}", timeout=30_000)
             assert float(_text(page, "fps")) > 0 and _text(page, "latency").endswith(" ms")
-            assert "prompt switched at block" in _text(page, "log")
+            assert "prompt switched at block" in _text(page, "log") and "(cut)" not in _text(page, "log")
+            # A cut chosen on the page reaches the server: its prompt event says so.
+            page.select_option("#switch-mode", "cut")
+            page.fill("#prompt", "a green circle staying still on black")
+            page.click("#switch")
+            page.wait_for_function("document.getElementById('log').textContent.includes('(cut)')", timeout=30_000)
 
             shot = tmp_path / "page.png"
             page.locator("#view").screenshot(path=str(shot))

@@ -57,7 +57,7 @@ function onEvent(event) {
       break;
     case "prompt":
       $("current-prompt").textContent = event.prompt;
-      log(`prompt switched at block ${event.block}: ${event.prompt}`);
+      log(`prompt switched at block ${event.block}${event.cut ? " (cut)" : ""}: ${event.prompt}`);
       break;
     case "status":
       $("dropped").textContent = event.dropped;
@@ -194,8 +194,11 @@ function setRunning(value) {
 
 $("start").onclick = start;
 $("stop").onclick = () => { stopCapture(); ws.send(JSON.stringify({ type: "stop" })); };
+// How a switch treats the KV cache; the empty choice sends nothing, leaving the model's default.
+const SWITCH_MODES = { cut: { cut: true }, keep: { cut: false, recache: false }, recache: { cut: false, recache: true } };
 $("switch").onclick = () => ws.send(JSON.stringify({
   type: "prompt", prompt: $("prompt").value, interpolate_blocks: Number($("interpolate").value),
+  ...(SWITCH_MODES[$("switch-mode").value] || {}),
 }));
 $("mode").onchange = () => {
   $("i2v-options").classList.toggle("hidden", $("mode").value !== "i2v");
