@@ -80,7 +80,8 @@ def _client(args: argparse.Namespace) -> None:
     with _server_errors(args.url):
         stats = record(
             args.url, check_prompt(args.prompt), args.output, frames=args.frames or DEFAULT_CLIENT_FRAMES,
-            seed=args.seed, switch_at=switch, image=image, video=video, token=args.token, pacing=args.pacing, **options,
+            seed=args.seed, switch_at=switch, switch_mode=args.switch_mode, image=image, video=video, token=args.token,
+            pacing=args.pacing, **options,
         )
     if args.output is not None:
         print(f"wrote {args.output}: {stats.frames} frames")
@@ -209,6 +210,9 @@ def register(subparsers) -> None:
     client.add_argument("--seed", type=int, default=0, help="noise seed")
     client.add_argument("--switch-at", nargs=2, metavar=("FRAME", "PROMPT"), action=_SwitchAction, default=None,
                         help="switch to PROMPT once FRAME frames have arrived")
+    client.add_argument("--switch-mode", choices=("keep", "recache", "cut"), default=None,
+                        help="the switch keeps the KV cache, re-caches it under the new prompt, or cuts to a new "
+                             "stream (default: the server's model's)")
     client.add_argument("--image", type=Path, default=None, help="image to video from this image")
     client.add_argument("--video", type=Path, default=None, help="video to video from this file")
     client.add_argument("--strength", type=float, default=None, help="v2v noise level (default 0.5)")

@@ -51,6 +51,12 @@ def with_token(url: str, token: str | None) -> str:
     return urlunsplit(parts._replace(query=query))
 
 
+# How a switch treats the KV cache: keep it (new cross-attention only), re-cache its frames under
+# the new prompt, or cut to a new stream of the new prompt.
+SWITCH_MODES = {"keep": {"recache": False, "cut": False}, "recache": {"recache": True, "cut": False},
+                "cut": {"recache": False, "cut": True}}
+
+
 class StreamClient:
     """One websocket connection to the stream server. Events are kept in `events`."""
 
@@ -174,12 +180,15 @@ async def record_async(
     frames: int = 33,
     seed: int = 0,
     switch_at: tuple[int, str] | None = None,
+    switch_mode: str | None = None,
     image: np.ndarray | None = None,
     video: np.ndarray | None = None,
     token: str | None = None,
     **options,
 ) -> RecordStats:
     """Stream from a server into an mp4 (if `output`): t2v, i2v with `image`, v2v with `video` frames.
+    `switch_at` = (frame, prompt) switches once, as `switch_mode` says (a key of SWITCH_MODES;
+    None: the server's default).
 
     Latency is per frame: for v2v from sending input frame i to receiving output frame i (the
     client's clock); otherwise from the server starting the frame's block (the server's clock,
@@ -213,7 +222,7 @@ async def record_async(
                 if writer is not None:
                     writer.write(message.image())
                 if not switched and message.header.index + 1 >= switch_at[0]:
-                    await client.switch_prompt(switch_at[1])
+                    await client.switch_prompt(switch_at[1], **SWITCH_MODES.get(switch_mode, {}))
                     switched = True
         finally:
             if feeder is not None:

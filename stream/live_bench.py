@@ -30,7 +30,7 @@ from causvid.data.shapes import ObjectSpec, SceneSpec, canonical_caption, render
 from causvid.errors import UserError
 from causvid.eval.shapes_bench import analyze_video, contact_sheet, frame_checks
 from causvid.pipeline import CausVidPipeline, load_pipeline
-from stream.client import Frame, StreamClient, StreamError
+from stream.client import SWITCH_MODES, Frame, StreamClient, StreamError
 from stream.server import ServerConfig, StreamServer
 
 
@@ -48,10 +48,6 @@ I2V_SCENES = (
     SceneSpec("white", (ObjectSpec("square", "green", "large", "right"),)),
     SceneSpec("black", (ObjectSpec("circle", "orange", "large", "up"),)),
 )
-# What a switch message asks of the KV cache: keep it (new cross-attention only), re-cache its
-# frames under the new prompt, or cut to a new stream.
-SWITCHES = {"keep": {"recache": False, "cut": False}, "recache": {"recache": True, "cut": False},
-            "cut": {"recache": False, "cut": True}}
 HOLD_SHARE = 0.9  # a new scene holds from the first passing frame after which this share of its segment passes
 
 
@@ -115,7 +111,7 @@ async def _record(url: str, prompt: str, frames: int, seed: int, switches: Seque
                 frame_blocks.append(message.header.block)
                 dropped = message.header.dropped
                 if pending and since_last_switch() >= frames and len(blocks) == len(switches) - len(pending):
-                    await client.switch_prompt(pending.pop(0), **({} if switch is None else SWITCHES[switch]))
+                    await client.switch_prompt(pending.pop(0), **SWITCH_MODES.get(switch, {}))
             elif message["type"] == "prompt":
                 blocks.append(int(message["block"]))
             elif message["type"] == "error":
@@ -216,8 +212,8 @@ def run_live_bench(checkpoint: str | Path | None = None, device: str | None = No
     `switch` ("keep", "recache" or "cut") sets how the chain's switches treat the KV cache (None:
     the model's default).
     """
-    if switch is not None and switch not in SWITCHES:
-        raise UserError(f"unknown switch {switch!r}; use one of {', '.join(SWITCHES)}")
+    if switch is not None and switch not in SWITCH_MODES:
+        raise UserError(f"unknown switch {switch!r}; use one of {', '.join(SWITCH_MODES)}")
     if min(seconds, switch_seconds, i2v_seconds, segment_seconds) <= 0 or not 1 <= num_long <= len(LONG_SCENES):
         raise UserError(f"durations must be positive and num_long in 1..{len(LONG_SCENES)}")
     if segment_seconds > min(seconds, i2v_seconds):

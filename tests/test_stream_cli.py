@@ -35,6 +35,24 @@ def test_client_records_an_mp4_and_switches_prompt(server, tmp_path, capsys):
     assert re.search(r"12 frames, [\d.]+ fps, first frame after \d+ ms, latency p50 \d+ ms", printed)
 
 
+def test_client_switch_mode_reaches_the_prompt_message(server, tmp_path, monkeypatch):
+    from stream.client import StreamClient
+
+    sent = []
+    original = StreamClient.switch_prompt
+
+    async def recording(self, prompt, interpolate_blocks=None, recache=None, cut=None):
+        sent.append((prompt, recache, cut))
+        await original(self, prompt, interpolate_blocks, recache, cut)
+
+    monkeypatch.setattr(StreamClient, "switch_prompt", recording)
+    for mode, expected in ((None, (None, None)), ("cut", (False, True)), ("recache", (True, False))):
+        extra = [] if mode is None else ["--switch-mode", mode]
+        assert main(["client", server.ws_url, "--prompt", "a red circle", "--frames", "12", "--no-output",
+                     "--switch-at", "5", "a blue square", "--pacing", "fast", *extra]) == 0
+        assert sent.pop() == ("a blue square", *expected)
+
+
 def test_client_video_to_video_keeps_the_frame_count(server, tmp_path, capsys):
     source, out = tmp_path / "in.mp4", tmp_path / "out.mp4"
     write_video(source, np.random.default_rng(0).integers(0, 255, (10, 32, 32, 3), dtype=np.uint8), fps=16)
