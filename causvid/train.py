@@ -465,7 +465,7 @@ def train(config: TrainConfig, objective: Objective) -> int:
         bar.update(1)
         bar.set_postfix({k: f"{v:.4g}" for k, v in recent.items() if k.startswith("loss")})
 
-        # 5. Log, sample, checkpoint (main process only; all ranks hold the same weights).
+        # 5. Log, sample, checkpoint: the main process writes; sharded models are gathered by all.
         out_of_time = config.max_minutes is not None and time.monotonic() - began > 60 * config.max_minutes
         last = step == config.max_steps or out_of_time or stop["signal"]
         checkpoint_due = step % config.checkpoint_every == 0 or last
@@ -475,13 +475,13 @@ def train(config: TrainConfig, objective: Objective) -> int:
         if main and (step % config.log_every == 0 or last):
             log.append({"step": step, "seconds_per_step": time.monotonic() - tick, **recent})
         if step % config.sample_every == 0:
-            averaged = _ema_copies(modules, emas, plain, accelerator.is_main_process)
+            averaged = _ema_copies(modules, emas, plain, main)
             if main and (metrics := objective.sample(averaged, out_dir / "samples", step)):
                 log.append({"step": step, **metrics})
         if checkpoint_due:
             save_checkpoint(out_dir, step, modules, optimizers, emas, config.keep_checkpoints, accelerator.num_processes,
                             write=main)
-            averaged = _ema_copies(modules, emas, plain, accelerator.is_main_process)
+            averaged = _ema_copies(modules, emas, plain, main)
             if main:
                 objective.export(averaged, out_dir / "export")
         accelerator.wait_for_everyone()
