@@ -24,6 +24,11 @@ WAN_1_3B_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=12, attent
                             out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
                             cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 WAN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+WAN_SIZE = (480, 832)  # Wan2.1-T2V-1.3B's height and width; its VAE is 8x smaller spatially
+# Its UMT5-XXL text encoder (text_encoder/config.json) and prompt length.
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+UMT5_TOKENS = 512
 
 PRESETS: dict[str, dict] = {
     # Fast enough for unit tests on 2 cores: 32x32 pixels, 8x8 latents, 16 tokens per frame.

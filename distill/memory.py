@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from causvid.models.denoiser import WanDenoiser
+from causvid.presets import UMT5_TOKENS, UMT5_XXL, WAN_1_3B_TRANSFORMER, WAN_SIZE, WAN_VAE
 from causvid.rollout import CausalRollout
 from causvid.schedule import student_sigmas
 from distill.dmd import DMD
@@ -35,10 +36,6 @@ TRAINED_BYTES, EMA_BYTES, FROZEN_BYTES = 16, 4, 2
 # Self-Forcing's settings (its configs/self_forcing_dmd.yaml): 21 latent frames judged, blocks of 3,
 # a 4-step student, one video per GPU, a total batch of 64, a global KV cache, CFG 3.
 WINDOW_FRAMES, BLOCK_FRAMES, STUDENT_TIMESTEPS, TOTAL_BATCH, GUIDANCE = 21, 3, [1000, 750, 500, 250], 64, 3.0
-# UMT5-XXL's encoder (text_encoder/config.json of Wan2.1-T2V-1.3B-Diffusers) and its prompt length.
-UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
-UMT5_TOKENS = 512
 
 
 class LiveBytes(TorchDispatchMode):
@@ -112,13 +109,11 @@ def measure_dmd_step(transformer_config: dict, latent_shape: tuple[int, int, int
     return {"stages_gib": stages, "peak_gib": live.peak / GIB}
 
 
-def dmd_memory(gpus: list[int], height: int = 480, width: int = 832) -> dict:
+def dmd_memory(gpus: list[int], height: int = WAN_SIZE[0], width: int = WAN_SIZE[1]) -> dict:
     """The record: parameter counts, measured activations and the per-GPU total for each GPU count."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
     from transformers import UMT5Config, UMT5EncoderModel
-
-    from causvid.presets import WAN_1_3B_TRANSFORMER, WAN_VAE
 
     with torch.device("meta"):
         transformer = WanTransformer3DModel(**WAN_1_3B_TRANSFORMER)

@@ -20,13 +20,14 @@ import torch
 from causvid.errors import UserError
 from causvid.models.autoencoder import VideoAutoencoder
 from causvid.models.denoiser import WanDenoiser
-from causvid.presets import WAN_1_3B_TRANSFORMER, WAN_VAE
+from causvid.presets import UMT5_TOKENS, WAN_1_3B_TRANSFORMER, WAN_SIZE, WAN_VAE
 from causvid.rollout import CausalRollout
 from causvid.schedule import student_sigmas
 from stream.protocol import encode_jpeg
 
 PRESETS = {
-    "wan-1.3b": dict(transformer=WAN_1_3B_TRANSFORMER, vae=WAN_VAE, height=480, width=832, text=(512, 4096)),
+    "wan-1.3b": dict(transformer=WAN_1_3B_TRANSFORMER, vae=WAN_VAE, height=WAN_SIZE[0], width=WAN_SIZE[1],
+                     text=(UMT5_TOKENS, WAN_1_3B_TRANSFORMER["text_dim"])),
     "tiny": dict(transformer=dict(WAN_1_3B_TRANSFORMER, num_attention_heads=2, attention_head_dim=16, in_channels=4,
                                   out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64),
                  vae=dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,

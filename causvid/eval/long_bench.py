@@ -108,8 +108,6 @@ def _flops(pipe: CausVidPipeline, method: str, prompt: str, frames: int, steps: 
 
 # The paper's VIN at Wan2.1-1.3B's width: 512 global tokens, 4 process blocks (arXiv 2503.17539).
 PAPER_VIN = dict(num_tokens=512, process_layers=4)
-WAN_SIZE = (480, 832)
-UMT5_TOKENS = 512
 
 
 def wan_flops_per_step(chunk_counts: Sequence[int], chunk_frames: int, context_frames: int) -> dict:
@@ -122,7 +120,7 @@ def wan_flops_per_step(chunk_counts: Sequence[int], chunk_frames: int, context_f
     from causvid.models.attention import GlobalTokens
     from causvid.models.denoiser import WanDenoiser
     from causvid.models.vin import VideoInterfaceNetwork
-    from causvid.presets import WAN_1_3B_TRANSFORMER
+    from causvid.presets import UMT5_TOKENS, WAN_1_3B_TRANSFORMER, WAN_SIZE
 
     config = WAN_1_3B_TRANSFORMER
     dim, layers = config["num_attention_heads"] * config["attention_head_dim"], config["num_layers"]
