@@ -28,7 +28,7 @@ from causvid.models.autoencoder import num_latent_frames
 from causvid.models.denoiser import WanDenoiser
 from causvid.rollout import CausalRollout
 from causvid.samplers import guided_velocity
-from causvid.schedule import add_noise, randn_like, shift_sigma, velocity_target, with_clean_prefix, x0_from_velocity
+from causvid.schedule import add_noise, randn_like, shift_sigma, velocity_target, x0_from_velocity
 from causvid.sharding import agreed_generator
 from distill.self_forcing import self_forcing_rollout
 from distill.student import StudentObjective, block_levels
@@ -60,37 +60,28 @@ class DMD:
         return shift_sigma(torch.rand(batch, generator=rng), self.shift).clamp(*self.sigma_range)
 
     def student_loss(
-        self, x: torch.Tensor, fake_score, text: torch.Tensor, null_text: torch.Tensor, rng: torch.Generator,
-        prefix: torch.Tensor | None = None,
+        self, x: torch.Tensor, fake_score, text: torch.Tensor, null_text: torch.Tensor, rng: torch.Generator
     ) -> tuple[torch.Tensor, dict]:
-        """0.5 * MSE(x, stopgrad(x - grad)): its gradient with respect to x is the DMD gradient.
-
-        `prefix`: clean latents the window follows, which both scores see at noise level 0."""
+        """0.5 * MSE(x, stopgrad(x - grad)): its gradient with respect to x is the DMD gradient."""
         sigma = self.sample_sigma(x.shape[0], rng).to(x.device)
         with torch.no_grad():
             x_t = add_noise(x.detach(), randn_like(x, rng), sigma)
-            real = guided_velocity(self.real_score, text, null_text, self.guidance_scale)
-            real_x0 = x0_from_velocity(x_t, _after_prefix(real, prefix, x_t, sigma), sigma)
-            fake_x0 = x0_from_velocity(x_t, _after_prefix(lambda *a: fake_score(*a, text), prefix, x_t, sigma), sigma)
+            real = guided_velocity(self.real_score, text, null_text, self.guidance_scale)(x_t, sigma)
+            real_x0 = x0_from_velocity(x_t, real, sigma)
+            fake_x0 = x0_from_velocity(x_t, fake_score(x_t, sigma, text), sigma)
             grad = dmd_gradient(x.detach(), real_x0, fake_x0)
         loss = 0.5 * F.mse_loss(x.float(), (x.detach() - grad).float())
         return loss, {"dmd_grad_abs": grad.abs().mean()}
 
     def critic_loss(
-        self, x: torch.Tensor, fake_score, text: torch.Tensor, rng: torch.Generator, prefix: torch.Tensor | None = None
+        self, x: torch.Tensor, fake_score, text: torch.Tensor, rng: torch.Generator
     ) -> tuple[torch.Tensor, dict]:
-        """Flow matching of the fake score on the student's (detached) samples, after `prefix` as the real score sees them."""
+        """Flow matching of the fake score on the student's (detached) samples."""
         x = x.detach()
         sigma = self.sample_sigma(x.shape[0], rng).to(x.device)
         noise = randn_like(x, rng)
-        velocity = _after_prefix(lambda *a: fake_score(*a, text), prefix, add_noise(x, noise, sigma), sigma)
+        velocity = fake_score(add_noise(x, noise, sigma), sigma, text)
         return F.mse_loss(velocity.float(), velocity_target(x, noise).float()), {}
-
-
-def _after_prefix(score, prefix: torch.Tensor | None, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    # A score's velocity for x_t, given the clean prefix as context.
-    joined, levels = with_clean_prefix(prefix, x_t, sigma)
-    return score(joined, levels)[:, :, joined.shape[2] - x_t.shape[2]:]
 
 
 class DMDObjective(StudentObjective):
@@ -114,9 +105,6 @@ class DMDObjective(StudentObjective):
         image_probability: self-forcing only: the share of rollouts that start, as an image-to-video
             stream does, from a first frame of the prompt's scene (rendered, encoded and committed
             to the cache before the first block).
-        window_prefix: self-forcing only: both scores see a window that follows committed frames
-            after the latent before it, clean, so they judge it as a continuation (a teacher
-            trained with `mid_clip_share` > 0 knows such prefixes); a stream's first window has none.
         sample_cases, sample_frames: the shapes-bench check run every `sample_every` steps.
     """
 
@@ -133,7 +121,6 @@ class DMDObjective(StudentObjective):
         rollout_blocks: int | None = None,
         switch_probability: float = 0.0,
         image_probability: float = 0.0,
-        window_prefix: bool = False,
         sample_cases: int = 4,
         sample_frames: int = 33,
     ):
@@ -152,10 +139,8 @@ class DMDObjective(StudentObjective):
         self.rollout_blocks = window_blocks if rollout_blocks is None else rollout_blocks
         if self.rollout_blocks < window_blocks:
             raise UserError(f"rollout_blocks ({self.rollout_blocks}) must cover the judged window ({window_blocks} blocks)")
-        if student_input != "self_forcing" and (rollout_blocks is not None or switch_probability or image_probability
-                                                or window_prefix):
-            raise UserError("rollout_blocks, switch_probability, image_probability and window_prefix need "
-                            "student_input 'self_forcing'")
+        if student_input != "self_forcing" and (rollout_blocks is not None or switch_probability or image_probability):
+            raise UserError("rollout_blocks, switch_probability and image_probability need student_input 'self_forcing'")
         for name, value in (("switch_probability", switch_probability), ("image_probability", image_probability)):
             if not 0.0 <= value <= 1.0:
                 raise UserError(f"{name} must be in [0, 1], got {value}")
@@ -164,7 +149,6 @@ class DMDObjective(StudentObjective):
         self.window_blocks = window_blocks
         self.switch_probability = switch_probability
         self.image_probability = image_probability
-        self.window_prefix = window_prefix
         # None: the teacher's weights, i.e. DMD without ODE initialisation (an ablation).
         self.student = self.load_student(student_init)
         # The critic starts as the teacher (DMD2): a good video score, which then follows the student.
@@ -189,17 +173,16 @@ class DMDObjective(StudentObjective):
         train_student = step % self.student_every == 0
         # Between student updates the samples only feed the critic: no graph needed.
         with torch.set_grad_enabled(train_student):
-            x, prefix, text = self.generate(models["student"], batch, text, rng, device)
-        losses = {"critic": self.dmd.critic_loss(x, models["critic"], text, rng, prefix)}
+            x, text = self.generate(models["student"], batch, text, rng, device)
+        losses = {"critic": self.dmd.critic_loss(x, models["critic"], text, rng)}
         if train_student:
             null_text = self.encode([self.pipeline_config.negative_prompt] * len(text), device)
-            losses["student"] = self.dmd.student_loss(x, models["critic"], text, null_text, rng, prefix)
+            losses["student"] = self.dmd.student_loss(x, models["critic"], text, null_text, rng)
         return losses
 
-    def generate(self, model, batch, text, rng, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """The student's samples [B, C, F, H, W] for this step, in the configured input mode, the
-        clean prefix the scores see before them (None without `window_prefix`), and the prompt
-        embeddings they were made under (the new ones after a switch)."""
+    def generate(self, model, batch, text, rng, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's samples [B, C, F, H, W] for this step, in the configured input mode, and
+        the prompt embeddings they were made under (the new ones after a switch)."""
         sigmas = self.sigmas.to(device)
         if self.student_input == "causvid":
             # CausVid: teacher ODE endpoints noised to a random student level per block, one causal forward.
@@ -207,7 +190,7 @@ class DMDObjective(StudentObjective):
             level = block_levels(x0.shape[0], x0.shape[2], self.pipeline_config.block_frames, len(sigmas), rng)
             sigma = sigmas[level.to(device)]
             x_t = add_noise(x0, randn_like(x0, rng), sigma)
-            return x0_from_velocity(x_t, model(x_t, sigma, text, causal=True), sigma), None, text
+            return x0_from_velocity(x_t, model(x_t, sigma, text, causal=True), sigma), text
         # Exactly the inference stream: the pipeline's rolling cache and switch handling.
         rollout = CausalRollout(
             self.student, sigmas, self.teacher_pipeline.latent_shape, batch=len(text),
@@ -223,9 +206,9 @@ class DMDObjective(StudentObjective):
                       self.encode(batch["switch_caption"], device))
         if self.image_probability and float(torch.rand(1, generator=layout)) < self.image_probability:
             rollout.commit(self.first_frames(batch["scene"], rng).to(device), text)
-        x, prefix = self_forcing_rollout(rollout, model, text, self.latent_frames, layout, start_block=start,
-                                         switch=switch, recache=self.pipeline_config.switch_recache)
-        return x, prefix if self.window_prefix else None, text if switch is None else switch[1]
+        x = self_forcing_rollout(rollout, model, text, self.latent_frames, layout, start_block=start, switch=switch,
+                                 recache=self.pipeline_config.switch_recache)
+        return x, text if switch is None else switch[1]
 
     @torch.no_grad()
     def first_frames(self, scenes: list[str], rng: torch.Generator) -> torch.Tensor:

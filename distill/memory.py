@@ -97,7 +97,7 @@ def measure_dmd_step(transformer_config: dict, latent_shape: tuple[int, int, int
     stages = {}
     with mock.patch("torch.nn.functional.scaled_dot_product_attention", _flash_attention), LiveBytes() as live:
         rollout = CausalRollout(student, student_sigmas(STUDENT_TIMESTEPS), latent_shape, device="meta")
-        x, _ = self_forcing_rollout(rollout, student, text, window_frames, torch.Generator())
+        x = self_forcing_rollout(rollout, student, text, window_frames, torch.Generator())
         stages["rollout (KV cache, student graph)"] = live.live / GIB
         dmd = DMD(teacher, GUIDANCE)
         critic_loss, _ = dmd.critic_loss(x, critic, text, torch.Generator())

@@ -36,11 +36,9 @@ def self_forcing_rollout(
     switch: tuple[int, torch.Tensor] | None = None,
     recache: bool = True,
     exit_step: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor:
     """Roll out blocks up to the end of a window of `num_frames` latent frames that starts at
-    block `start_block`; returns the window's latents [B, C, num_frames, H, W] and the committed
-    latent just before it [B, C, 1, H, W] (None when the window starts the stream), which scores
-    that condition on a clean prefix take as context.
+    block `start_block`; returns the window's latents [B, C, num_frames, H, W].
 
     `rollout` (its denoiser, KV cache, noise and sigmas) runs the gradient-free steps and the
     commits; `student` is the same model as the loop wrapped it, called for the exit steps so
@@ -59,7 +57,7 @@ def self_forcing_rollout(
         raise ValueError(f"a switch must come after the first block and by the window's start ({start_block}), "
                          f"got block {switch[0]}")
     end_block = start_block + num_frames // block_frames
-    window, prefix = [], None
+    window = []
     for block in range(end_block):
         if switch is not None and block == switch[0]:
             text = switch[1]
@@ -69,8 +67,6 @@ def self_forcing_rollout(
             with torch.no_grad():
                 rollout.next_block(text)
             continue
-        if block == start_block and rollout.history is not None:
-            prefix = rollout.history[:, :, -1:]
         step = int(torch.randint(len(sigmas), (1,), generator=rng)) if exit_step is None else exit_step
         x = rollout.noise(block_frames)
         if step > 0:
@@ -86,4 +82,4 @@ def self_forcing_rollout(
         x0 = x0_from_velocity(x, student(x, sigma, text, cache=rollout.cache), sigma)
         rollout.commit(x0.detach(), text)  # no_grad: later blocks see this block, gradients don't cross
         window.append(x0)
-    return torch.cat(window, dim=2), prefix
+    return torch.cat(window, dim=2)

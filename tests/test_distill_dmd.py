@@ -50,34 +50,6 @@ def test_dmd_gradient_vanishes_when_fake_matches_real_and_points_to_real():
     torch.testing.assert_close(dmd_gradient(far, real, far)[1], dmd_gradient(x, real, x)[1])
 
 
-def test_scores_judge_a_window_after_its_clean_prefix():
-    x, prefix = torch.randn(2, 4, 3, 5, 5, requires_grad=True), torch.randn(2, 4, 1, 5, 5)
-    real = torch.randn(2, 4, 3, 5, 5)
-    seen = []
-
-    def score(target):
-        def velocity(x_t, sigma, text):
-            seen.append((x_t, sigma))
-            # x0 = prefix on the prefix frames, `target` after them.
-            x0 = torch.cat([prefix, target], dim=2)
-            return (x_t - x0) / sigma.clamp_min(1e-3)[:, None, :, None, None]
-        return velocity
-
-    dmd = DMD(score(real), guidance_scale=1.0)
-    loss, _ = dmd.student_loss(x, score(x.detach()), None, None, torch.Generator().manual_seed(0), prefix)
-    loss.backward()
-    # Both scores saw the prefix first, clean (level 0), then the noisy window at one level.
-    for x_t, sigma in seen:
-        assert x_t.shape == (2, 4, 4, 5, 5) and sigma.shape == (2, 4)
-        assert torch.equal(x_t[:, :, :1], prefix) and torch.count_nonzero(sigma[:, 0]) == 0
-        assert torch.equal(sigma[:, 1:], sigma[:, 1:2].expand(-1, 3)) and bool((sigma[:, 1] > 0).all())
-    # The gradient is the one without a prefix: the window's own frames, pointing to the real x0.
-    torch.testing.assert_close(x.grad, dmd_gradient(x.detach(), real, x.detach()) / x.numel())
-    seen.clear()
-    critic, _ = dmd.critic_loss(x, score(x.detach()), None, torch.Generator().manual_seed(0), prefix)
-    assert seen[0][0].shape == (2, 4, 4, 5, 5) and torch.equal(seen[0][0][:, :, :1], prefix)
-
-
 def _run_config(tmp_path, name, teacher, data, **objective_args):
     config = {
         "objective": "dmd", "out_dir": str(tmp_path / name), "max_steps": 4, "batch_size": 2,
@@ -161,8 +133,7 @@ def test_self_forcing_rollout_keeps_a_graph_only_for_each_blocks_exit_step(tiny_
     rng = torch.Generator().manual_seed(5)
     rollout = CausalRollout(tiny_denoiser, sigmas, (4, 8, 8), batch=2, rng=rng)
     text = torch.randn(2, 32, 384)
-    video, prefix = self_forcing_rollout(rollout, tiny_denoiser, text, 6, rng)
-    assert prefix is None  # the window starts the stream
+    video = self_forcing_rollout(rollout, tiny_denoiser, text, 6, rng)
     assert video.shape == (2, 4, 6, 8, 8) and video.requires_grad
 
     blocks, current = [], []
@@ -221,19 +192,14 @@ def test_a_long_rollout_judges_the_window_where_it_lands_with_the_inference_cach
     rollout = CausalRollout(tiny_denoiser, sigmas, (4, 8, 8), batch=2, rng=torch.Generator().manual_seed(3),
                             **cache)
     # With the exit step at the last level, a window block is made exactly as inference makes it.
-    window, prefix = self_forcing_rollout(rollout, tiny_denoiser, text, 4, torch.Generator(),
-                                          start_block=start_block, exit_step=len(sigmas) - 1)
+    window = self_forcing_rollout(rollout, tiny_denoiser, text, 4, torch.Generator(), start_block=start_block,
+                                  exit_step=len(sigmas) - 1)
     expected, streamed = _stream_blocks(tiny_denoiser, [text] * (start_block + 2), seed=3, **cache)
     assert window.shape == (2, 4, 4, 8, 8) and window.requires_grad
     torch.testing.assert_close(window.detach(), expected[:, :, 2 * start_block:], atol=1e-5, rtol=1e-5)
     assert rollout.frames_done == streamed.frames_done == 2 * (start_block + 2)
     assert rollout.cache.cached_frames == streamed.cache.cached_frames == min(5, 2 * (start_block + 2))
     torch.testing.assert_close(rollout.history, streamed.history, atol=1e-5, rtol=1e-5)
-    # The prefix is the stream's last frame before the window.
-    if start_block == 0:
-        assert prefix is None
-    else:
-        torch.testing.assert_close(prefix, expected[:, :, 2 * start_block - 1 : 2 * start_block], atol=1e-5, rtol=1e-5)
 
 
 def test_a_long_rollout_keeps_a_graph_only_inside_the_window(tiny_denoiser):
@@ -259,7 +225,7 @@ def test_a_switch_in_a_rollout_follows_the_inference_switch(tiny_denoiser, text_
         rollout = CausalRollout(tiny_denoiser, sigmas, (4, 8, 8), batch=2, rng=torch.Generator().manual_seed(4),
                                 **cache)
         windows[recache] = self_forcing_rollout(rollout, tiny_denoiser, red, 4, torch.Generator(), start_block=3,
-                                                switch=(2, blue), recache=recache, exit_step=len(sigmas) - 1)[0].detach()
+                                                switch=(2, blue), recache=recache, exit_step=len(sigmas) - 1).detach()
     expected, _ = _stream_blocks(tiny_denoiser, [red, red, blue, blue, blue], seed=4, **cache)
     torch.testing.assert_close(windows[True], expected[:, :, 6:], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(windows[False], windows[True])  # the re-cache changes what follows
@@ -285,9 +251,7 @@ def test_long_rollouts_with_switches_judge_a_window_under_the_prompt_it_was_made
         # The objective's first draw from the layout generator: the window's block.
         start = int(torch.randint(5, (1,), generator=agreed_generator(torch.Generator().manual_seed(seed))))
         with torch.no_grad():
-            x, prefix, text = objective.generate(objective.student, batch, old, torch.Generator().manual_seed(seed),
-                                                 "cpu")
-        assert prefix is None  # without window_prefix the scores see the window alone
+            x, text = objective.generate(objective.student, batch, old, torch.Generator().manual_seed(seed), "cpu")
         assert x.shape[2] == 4  # the window's two blocks
         # From block 1 on a switch is always drawn (probability 1), and the window is judged under it.
         assert torch.equal(text, new if start > 0 else old)
@@ -301,8 +265,7 @@ def test_long_rollouts_with_switches_judge_a_window_under_the_prompt_it_was_made
 
 
 def test_long_switching_dmd_trains_and_resumes_exactly(tiny_checkpoint, tmp_path):
-    args = dict(student_input="self_forcing", num_frames=13, rollout_blocks=4, switch_probability=0.5,
-                window_prefix=True)
+    args = dict(student_input="self_forcing", num_frames=13, rollout_blocks=4, switch_probability=0.5)
     straight = _run_config(tmp_path, "straight", tiny_checkpoint, {"type": "prompts", "seed": 1}, **args)
     split = _run_config(tmp_path, "split", tiny_checkpoint, {"type": "prompts", "seed": 1}, **args)
     assert main(["distill", "dmd", "--config", str(straight)]) == 0
@@ -316,8 +279,7 @@ def test_image_to_video_rollouts_start_from_the_prompts_scene(tiny_checkpoint, t
     from distill.dmd import DMDObjective
 
     config = TrainConfig.from_yaml(_run_config(tmp_path, "i2v", tiny_checkpoint, {"type": "prompts", "seed": 1},
-                                               student_input="self_forcing", num_frames=13, image_probability=1.0,
-                                               window_prefix=True))
+                                               student_input="self_forcing", num_frames=13, image_probability=1.0))
     objective = build_objective(config, {"dmd": DMDObjective})
     item = objective.dataset()[3]
     batch = {"caption": [item["caption"]] * 2, "scene": [item["scene"]] * 2, "switch_caption": [item["switch_caption"]] * 2}
@@ -325,10 +287,9 @@ def test_image_to_video_rollouts_start_from_the_prompts_scene(tiny_checkpoint, t
     original = CausalRollout.commit
     monkeypatch.setattr(CausalRollout, "commit", lambda self, clean, text: (commits.append(clean), original(self, clean, text)))
     with torch.no_grad():
-        x, prefix, _ = objective.generate(objective.student, batch, objective.encode(batch["caption"], "cpu"),
-                                          torch.Generator().manual_seed(0), "cpu")
+        x, _ = objective.generate(objective.student, batch, objective.encode(batch["caption"], "cpu"),
+                                  torch.Generator().manual_seed(0), "cpu")
     assert x.shape[2] == 4 and [c.shape[2] for c in commits] == [1, 2, 2]  # the image, then the window's blocks
-    assert torch.equal(prefix, commits[0])  # the scores judge the window as the image's continuation
     # The first commit is the encoded first frame of the caption's scene.
     rng = torch.Generator().manual_seed(0)
     agreed_generator(rng)  # the layout's seed; the window's block and the image draw come from it

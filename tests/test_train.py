@@ -20,7 +20,6 @@ import yaml
 
 from causvid.checkpoint import CheckpointError, load_tensors
 from causvid.cli import main
-from causvid.video_io import read_video
 
 TINY_AE = {
     "objective": "autoencoder", "max_steps": 6, "batch_size": 2, "lr": {"autoencoder": 2e-4},
@@ -191,43 +190,6 @@ def test_teacher_objective_trains_and_exports_a_pipeline(tmp_path):
                  "--checkpoint", str(tmp_path / "teacher" / "export"), "--device", "cpu"]) == 0
     # A config of the wrong kind is refused.
     assert main(["train", "autoencoder", "--config", str(path)]) == 2
-
-
-def test_teacher_windows_from_mid_clip_lead_with_their_clean_prefix(tmp_path, monkeypatch):
-    from causvid.models.denoiser import WanDenoiser
-    from causvid.objectives.teacher import random_windows
-
-    latents = torch.arange(6.0)[None, None, :, None, None].expand(64, 2, 6, 3, 3).clone()
-    masks = torch.arange(6)[None, :, None, None].expand(64, 6, 3, 3).clone()
-    for mid_clip, firsts in ((False, {0.0}), (True, {0.0, 1.0})):
-        windows, cut = random_windows(latents, masks, 4, mid_clip, torch.Generator().manual_seed(0))
-        frames = 4 + mid_clip  # a mid-clip window leads with the latent before it
-        assert windows.shape == (64, 2, frames, 3, 3) and cut.shape == (64, frames, 3, 3)
-        first = windows[:, 0, 0, 0, 0]
-        assert torch.equal(windows[:, 0, :, 0, 0], first[:, None] + torch.arange(float(frames)))  # consecutive
-        assert torch.equal(cut[:, :, 0, 0].float(), windows[:, 0, :, 0, 0])  # the mask follows its clip
-        assert set(first.tolist()) == firsts  # clip starts only at 0; mid-clip windows at every start
-    with pytest.raises(ValueError, match="needs clips of at least 7 latent frames"):
-        random_windows(latents, masks, 6, True, torch.Generator())
-
-    # A run on windows of 2 latent frames (5 pixel frames) from 9-frame clips (3 latent frames):
-    # mid-clip steps hand the teacher 3 frames, the first at noise level 0; clip starts 2 at one level.
-    calls = []
-    forward = WanDenoiser.forward
-    monkeypatch.setattr(WanDenoiser, "forward", lambda self, x, sigma, text, **kw: (
-        calls.append((x.shape[2], sigma.detach().clone())), forward(self, x, sigma, text, **kw))[1])
-    path = _teacher_config(tmp_path, "windows", _tiny_autoencoder(tmp_path), max_steps=8, sample_every=8,
-                           checkpoint_every=8, objective_args={"sample_steps": 2, "sample_prompts": ["a red circle"],
-                                                               "window_frames": 2, "mid_clip_share": 0.5})
-    assert main(["train", "teacher", "--config", str(path)]) == 0
-    training = calls[:8]  # the steps' forwards; the sample's follow
-    kinds = {frames for frames, _ in training}
-    assert kinds == {2, 3}  # both kinds of window in 8 steps
-    for frames, sigma in training:
-        if frames == 3:
-            assert torch.count_nonzero(sigma[:, 0]) == 0 and bool((sigma[:, 1:] > 0).all())
-    sample = next((tmp_path / "windows" / "samples").glob("*.mp4"))
-    assert read_video(sample).shape[0] == 5  # the teacher samples clips of its window's length
 
 
 def test_loader_workers_change_neither_the_bank_nor_the_losses(tmp_path):
