@@ -12,7 +12,6 @@ import torch
 from causvid.models.attention import KVCache
 from causvid.models.denoiser import WanDenoiser
 from causvid.samplers import VelocityFn, sample_few_step
-from causvid.schedule import with_clean_prefix
 
 
 class CausalRollout:
@@ -60,9 +59,15 @@ class CausalRollout:
             return lambda x, sigma: self.denoiser(x, sigma, text, cache=self.cache)
 
         def recompute(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            full, levels = with_clean_prefix(self.history, x, sigma)
-            velocity = self.denoiser(full, levels, text, causal=True, window=self.window)
-            return velocity[:, :, full.shape[2] - x.shape[2]:]
+            if self.history is None:
+                return self.denoiser(x, sigma, text, causal=True, window=self.window)
+            context_frames, frames = self.history.shape[2], x.shape[2]
+            per_frame = torch.cat(
+                [sigma.new_zeros(x.shape[0], context_frames), sigma[:, None].expand(-1, frames)], dim=1
+            )
+            full = torch.cat([self.history.to(x.dtype), x], dim=2)
+            velocity = self.denoiser(full, per_frame, text, causal=True, window=self.window)
+            return velocity[:, :, context_frames:]
 
         return recompute
 

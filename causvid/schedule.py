@@ -43,18 +43,6 @@ def randn_like(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=rng).to(x.device, x.dtype)
 
 
-def with_clean_prefix(
-    prefix: torch.Tensor | None, x_t: torch.Tensor, sigma: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noisy latents `x_t` [B, C, F, H, W] at levels `sigma` [B] after the clean frames they follow:
-    the joined latents and per-frame levels [B, P + F], 0 on the prefix. A denoiser given these
-    conditions on the prefix; its prediction for `x_t` is the output's last F frames."""
-    if prefix is None:
-        return x_t, sigma
-    levels = torch.cat([sigma.new_zeros(len(sigma), prefix.shape[2]), sigma[:, None].expand(-1, x_t.shape[2])], dim=1)
-    return torch.cat([prefix.to(x_t.dtype), x_t], dim=2), levels
-
-
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The flow-matching regression target."""
     return noise - x0

@@ -15,6 +15,7 @@ from causvid.cli import add_checkpoint_args
 from causvid.errors import UserError
 from causvid.eval.long_bench import ABLATIONS, METHODS
 from causvid.text import check_prompt
+from stream.client import SWITCH_MODES
 
 # Frames a text- or image-to-video recording keeps by default; video-to-video follows its input.
 DEFAULT_CLIENT_FRAMES = 33
@@ -210,7 +211,7 @@ def register(subparsers) -> None:
     client.add_argument("--seed", type=int, default=0, help="noise seed")
     client.add_argument("--switch-at", nargs=2, metavar=("FRAME", "PROMPT"), action=_SwitchAction, default=None,
                         help="switch to PROMPT once FRAME frames have arrived")
-    client.add_argument("--switch-mode", choices=("keep", "recache", "cut"), default=None,
+    client.add_argument("--switch-mode", choices=tuple(SWITCH_MODES), default=None,
                         help="the switch keeps the KV cache, re-caches it under the new prompt, or cuts to a new "
                              "stream (default: the server's model's)")
     client.add_argument("--image", type=Path, default=None, help="image to video from this image")
@@ -258,7 +259,7 @@ def register(subparsers) -> None:
     live.add_argument("--i2v-seconds", type=float, default=20.0, help="length of each image-to-video stream")
     live.add_argument("--segment-seconds", type=float, default=10.0, help="scored segment length")
     live.add_argument("--seed", type=int, default=0, help="noise seed of every stream")
-    live.add_argument("--switch", choices=("keep", "recache", "cut"), default=None,
+    live.add_argument("--switch", choices=tuple(SWITCH_MODES), default=None,
                       help="the chain's switches keep the KV cache, re-cache it under the new prompt, or cut to a "
                            "new stream (default: the model's switch_recache / switch_cut)")
     live.add_argument("--sheet", type=Path, default=None, help="write a contact sheet (PNG) here")
