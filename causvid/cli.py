@@ -187,7 +187,7 @@ def register(subparsers) -> None:
     convert.set_defaults(func=_convert)
 
     recipe = subparsers.add_parser("recipe", help="rebuild an artifact: run a config after every run it reads from")
-    recipe.add_argument("config", type=Path, help="the recipe's last step, e.g. configs/shapes/22_dmd.yaml")
+    recipe.add_argument("config", type=Path, help="the recipe's last step, e.g. configs/shapes/23_dmd.yaml")
     recipe.add_argument("--configs", type=Path, default=Path("configs"), help="where the steps' configs are found")
     recipe.add_argument("--dry-run", action="store_true", help="list the steps and whether each has finished")
     recipe.add_argument("--threads", type=int, default=None, help="torch CPU threads for every training step")

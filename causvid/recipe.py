@@ -28,6 +28,7 @@ COMMANDS = {
     "ode_pairs": ["distill", "ode-pairs"],
     "ode_init": ["distill", "ode-init"],
     "dmd": ["distill", "dmd"],
+    "vin": ["train", "vin"],
 }
 
 

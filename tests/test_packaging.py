@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_shipped_checkpoint_generates_frames():
     assert DEFAULT_CHECKPOINT == ROOT / "checkpoints" / "shapes"
     pipe = load_pipeline(device="cpu", with_teacher=False)
-    frames = pipe.generate("a red circle moving right on a black background", num_frames=5)
-    assert frames.shape == (5, pipe.config.height, pipe.config.width, 3) and frames.dtype == np.uint8
-    assert frames.std() > 10  # an object on a background, not a flat frame
+    frames = pipe.generate("a red circle moving right on a black background", num_frames=33)
+    assert frames.shape == (33, pipe.config.height, pipe.config.width, 3) and frames.dtype == np.uint8
+    assert frames.std() > 10  # an object on a background, not a flat frame (it may enter after a few frames)
     assert pipe.teacher is None
 
 

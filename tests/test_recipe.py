@@ -12,7 +12,7 @@ import yaml
 from causvid.cli import main
 from causvid.errors import UserError
 from causvid.objectives import OBJECTIVES
-from causvid.recipe import load_config_file, recipe_steps
+from causvid.recipe import load_config_file, recipe_steps, step_command
 from causvid.train import TrainConfig
 from distill.dmd import DMDObjective
 from distill.ode_init import OdeInitObjective
@@ -54,12 +54,13 @@ def test_every_config_parses_and_binds_its_objective(path):
 
 
 def test_the_shipped_recipes_chain_through_runs_only():
-    for target, first, count in (("shapes/23_vin.yaml", "shapes/01_autoencoder.yaml", 23),
+    for target, first, count in (("shapes/24_vin.yaml", "shapes/01_autoencoder.yaml", 24),
                                  ("shapes_vae_adversarial/04_decoder_adversarial.yaml", "shapes/01_autoencoder.yaml", 18)):
         steps = recipe_steps(CONFIGS / target, CONFIGS)
         assert len(steps) == count and steps[0] == CONFIGS / first and steps[-1] == CONFIGS / target
         for path in steps:
             assert "checkpoints/" not in yaml.safe_dump(load_config_file(path)), f"{path} reads a shipped checkpoint"
+            assert step_command(path, load_config_file(path))[-3:] == ["--config", str(path), "--resume"]
 
 
 TINY = {

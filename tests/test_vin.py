@@ -4,6 +4,7 @@ guide, training with exact resume, and the parallel mode from the API and the CL
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,10 @@ from causvid.cli import main
 from causvid.errors import UserError
 from causvid.models.attention import GlobalTokens
 from causvid.models.vin import VideoInterfaceNetwork
+from causvid.objectives.vin import VinObjective
 from causvid.parallel import ChunkLayout, ParallelDenoiser
 from causvid.pipeline import load_pipeline
+from causvid.train import TrainConfig
 
 
 def _tiny_vin(denoiser, **overrides) -> VideoInterfaceNetwork:
@@ -143,6 +146,36 @@ def test_training_resumes_exactly(vin_checkpoint, tiny_checkpoint, tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     # The VIN learnt something: its gates moved from where they started.
     assert not torch.allclose(straight["vin.logit_bias"], torch.full_like(straight["vin.logit_bias"], -3.0))
+
+
+def test_a_finished_vin_moves_to_a_retrained_pipeline(vin_checkpoint, tiny_checkpoint, tmp_path):
+    # Another pipeline (a retrained teacher and student) takes over the finished run's parallel model.
+    other = load_pipeline(tiny_checkpoint, "cpu", torch.float32)
+    with torch.no_grad():
+        for module in (other.teacher, other.denoiser):
+            for parameter in module.parameters():
+                parameter.add_(0.01)
+    other.save_pretrained(tmp_path / "other")
+    run = tmp_path / "moved"
+    shutil.copytree(vin_checkpoint.parent, run)
+    args = {"init_from": str(tmp_path / "other"), "dit_from": str(tiny_checkpoint)}
+    config = _vin_config(tmp_path, tiny_checkpoint, "moved")
+    data = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump(data | {"objective_args": data["objective_args"] | args}))
+    assert main(["train", "vin", "--config", str(config), "--resume"]) == 0
+    moved, old = load_pipeline(run / "export", "cpu", torch.float32), load_pipeline(vin_checkpoint, "cpu", torch.float32)
+    for name in ("teacher", "denoiser"):
+        assert _same_weights(getattr(moved, name), getattr(other, name))
+    assert _same_weights(moved.parallel, old.parallel)
+    # A fresh run starts its DiT from dit_from's teacher, not init_from's.
+    objective = VinObjective(TrainConfig.from_yaml(config), **args)
+    assert _same_weights(objective.model.denoiser, load_pipeline(tiny_checkpoint, "cpu", torch.float32).teacher)
+    assert not _same_weights(objective.model.denoiser, other.teacher)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    first, second = a.state_dict(), b.state_dict()
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_parallel_mode_from_the_api_any_length(vin_checkpoint):

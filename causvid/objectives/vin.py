@@ -25,24 +25,30 @@ class VinObjective(Objective):
     """Flow matching of `ParallelDenoiser` (DiT + VIN) on clips `num_chunks` chunks long.
 
     `init_from` is a pipeline directory: its teacher starts the DiT, and its autoencoder, text
-    encoder and sampling settings are the run's. The loss is taken on the fused velocity, exactly
-    what sampling integrates: each frame from the chunk that owns it, overlaps blended at high
-    noise. Context frames enter a chunk only as noisy inputs, so no gradient flows through them.
-    `chunk_frames` + `context_frames` is best the teacher's clip length (in latent frames), the
-    length its attention learnt.
+    encoder and sampling settings are the run's; the export is that pipeline with the parallel
+    model added. `dit_from`, another pipeline directory, starts the DiT from its teacher instead,
+    so the parallel model depends on that teacher alone: a pipeline whose teacher or student is
+    retrained takes it over by re-exporting the finished run (`--resume`) with a new `init_from`.
+    The loss is taken on the fused velocity, exactly what sampling integrates: each frame from the
+    chunk that owns it, overlaps blended at high noise. Context frames enter a chunk only as noisy
+    inputs, so no gradient flows through them. `chunk_frames` + `context_frames` is best the
+    teacher's clip length (in latent frames), the length its attention learnt.
     """
 
     def __init__(self, config, init_from: str, num_chunks: int = 4, chunk_frames: int = 5, context_frames: int = 1,
                  blend_cutoff: float = 0.5, vin: dict | None = None, caption_dropout: float = 0.1,
-                 bank_size: int = 1024, sample_steps: int = 50, sample_prompts: list[str] | None = None):
+                 bank_size: int = 1024, sample_steps: int = 50, sample_prompts: list[str] | None = None,
+                 dit_from: str | None = None):
         self.config = config
         base = CausVidPipeline.from_pretrained(init_from, "cpu", torch.float32)
-        if base.teacher is None:
-            raise ValueError(f"{init_from} has no teacher/ to start the parallel model from")
+        dit_source = base if dit_from is None else CausVidPipeline.from_pretrained(dit_from, "cpu", torch.float32)
+        for path, pipe in ((init_from, base), (dit_from, dit_source)):
+            if pipe.teacher is None:
+                raise ValueError(f"{path} has no teacher/ to start the parallel model from")
         self.base = base
         self.layout = ChunkLayout(num_chunks, chunk_frames, context_frames)
         self.clip_frames = num_pixel_frames(self.layout.total_frames)
-        teacher = copy.deepcopy(base.teacher).train()  # the base pipeline keeps the frozen teacher for baselines
+        teacher = copy.deepcopy(dit_source.teacher).train()  # the base pipeline keeps the frozen teacher for baselines
         dit = teacher.config
         vin_config = dict(in_channels=dit.in_channels, patch_size=tuple(dit.patch_size),
                           dim=dit.num_attention_heads * dit.attention_head_dim, text_dim=dit.text_dim,
